@@ -1,0 +1,98 @@
+"""Small building blocks: RMSNorm, RoPE, SwiGLU MLP, timestep embedder, 2-D position tables."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """Normalise in float32, cast back to the input dtype, then scale (Qwen2 semantics)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [T, head_dim] for integer positions, computed in float32 then cast."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Half-split ("NeoX") rotary embedding. x: [T, heads, head_dim]; cos, sin: [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> [cos(t f), sin(t f)] (frequency_size dims) -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, hidden: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class PositionTable(nn.Module):
+    """A fixed 2-D sin-cos table `pos_embed` [grid^2, dim], indexed by r * grid + c."""
+
+    def __init__(self, grid: int, dim: int):
+        super().__init__()
+        self.grid = grid
+        self.pos_embed = nn.Parameter(torch.zeros(grid * grid, dim), requires_grad=False)
+
+    def forward(self, position_ids: Tensor) -> Tensor:
+        return self.pos_embed[position_ids]
+
+
+def sincos_2d_table(dim: int, grid: int) -> Tensor:
+    """[grid^2, dim] float32: row r*grid+c = [sin(c w), cos(c w), sin(r w), cos(r w)],
+    w_k = 10000^(-k/(dim/4)) (column coordinate first; spec §4.5)."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    c = np.outer(cols.reshape(-1), omega)
+    r = np.outer(rows.reshape(-1), omega)
+    table = np.concatenate([np.sin(c), np.cos(c), np.sin(r), np.cos(r)], axis=1)
+    return torch.from_numpy(table.astype(np.float32))
+
+
+def grid_position_ids(h: int, w: int, grid: int, device: torch.device | None = None) -> Tensor:
+    """Row-major position ids r * grid + c of an h x w patch grid placed at the table's corner."""
+    r = torch.arange(h, device=device)[:, None]
+    c = torch.arange(w, device=device)[None, :]
+    return (r * grid + c).reshape(-1)

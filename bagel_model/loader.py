@@ -1,0 +1,93 @@
+"""Strict, memory-mapped loading of an official BAGEL checkpoint folder.
+
+Each loader builds its module on the meta device, reads only the tensors that module owns from
+the safetensors file (memory-mapped, no pickle), checks names and shapes exactly, and assigns
+them on the caller's device and dtype. A missing, unexpected or misshapen tensor raises
+`CheckpointError` naming the tensors. `load_stage` loads one pipeline stage (a range of layers).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import BagelConfig
+from .errors import CheckpointError
+from .model import BagelStage
+from .stage import StageSpec, full_model
+from .vae import AutoEncoder
+from .vit import VisionEncoder
+
+EMA_FILE = "ema.safetensors"
+VAE_FILE = "ae.safetensors"
+
+
+def expected_ema_shapes(config: BagelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape of `ema.safetensors` for this configuration."""
+    with torch.device("meta"):
+        modules = [BagelStage(config, full_model(config.llm.num_hidden_layers)), VisionEncoder(config)]
+    return {k: tuple(v.shape) for m in modules for k, v in m.state_dict().items()}
+
+
+def load_stage(checkpoint_dir: str | Path, config: BagelConfig, stage: StageSpec | None = None, *,
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> BagelStage:
+    """The MoT language model restricted to `stage` (default: all layers)."""
+    stage = stage or full_model(config.llm.num_hidden_layers)
+    return _load(Path(checkpoint_dir) / EMA_FILE, lambda: BagelStage(config, stage),
+                 set(expected_ema_shapes(config)), device, dtype)
+
+
+def load_vision_encoder(checkpoint_dir: str | Path, config: BagelConfig, *,
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16) -> VisionEncoder:
+    return _load(Path(checkpoint_dir) / EMA_FILE, lambda: VisionEncoder(config),
+                 set(expected_ema_shapes(config)), device, dtype)
+
+
+def load_vae(checkpoint_dir: str | Path, config: BagelConfig, *,
+             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> AutoEncoder:
+    return _load(Path(checkpoint_dir) / VAE_FILE, lambda: AutoEncoder(config.vae), None, device, dtype)
+
+
+def _load(path: Path, build: Callable[[], nn.Module], known: set[str] | None,
+          device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    with torch.device("meta"):
+        module = build()
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            missing = sorted(set(expected) - names)
+            unexpected = sorted(names - (known if known is not None else set(expected)))
+            wrong = {k: (f.get_slice(k).get_shape(), expected[k]) for k in sorted(set(expected) & names)
+                     if tuple(f.get_slice(k).get_shape()) != expected[k]}
+            if missing or unexpected or wrong:
+                raise CheckpointError(_describe(path, missing, unexpected, wrong))
+            tensors = {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in expected}
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own errors on corrupt headers or data
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    module.load_state_dict(tensors, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def _describe(path: Path, missing: list[str], unexpected: list[str], wrong: dict) -> str:
+    parts = [f"{path} does not match the model configuration:"]
+    if missing:
+        parts.append(f"{len(missing)} missing tensors: {_names(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensors: {_names(unexpected)}")
+    if wrong:
+        parts.append("wrong shapes: " + ", ".join(f"{k} {list(got)} (expected {list(exp)})"
+                                                 for k, (got, exp) in list(wrong.items())[:10]))
+    return " ".join(parts)
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

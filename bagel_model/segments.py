@@ -1,0 +1,138 @@
+"""What one LLM call works on: a list of segments, each a block of tokens for one context.
+
+A segment is text (causal), a ViT image block or a clean VAE image block (non-causal, appended to
+the context's cache), or a noisy image block being denoised (non-causal, never cached). Image
+blocks are `[<|vision_start|>, tokens..., <|vision_end|>]` at a single RoPE position. Segments of
+one call are packed row after row; `PackedLayout` holds the per-token facts every stage needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+
+class SegmentKind(str, Enum):
+    TEXT = "text"
+    VIT = "vit"
+    VAE = "vae"
+    NOISE = "noise"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One block of tokens for one context. Payload tensors are only needed by the first stage."""
+
+    kind: SegmentKind
+    context_id: str
+    rope_pos: int
+    num_tokens: int
+    token_ids: Tensor | None = None  # TEXT: [n] int64
+    embeds: Tensor | None = None  # VIT: [N, hidden] LLM input embeddings of the image tokens
+    latents: Tensor | None = None  # VAE / NOISE: [h*w, patch_latent_dim] latent tokens
+    grid: tuple[int, int] = (0, 0)  # VAE / NOISE: latent token grid (h, w)
+    t: float = 0.0  # NOISE: flow time; VAE blocks use 0
+    want_logits: bool = False  # TEXT: return the logits of the last token
+
+    @staticmethod
+    def text(context_id: str, token_ids: list[int] | Tensor, rope_pos: int, want_logits: bool = False) -> Segment:
+        ids = torch.as_tensor(token_ids, dtype=torch.int64)
+        if ids.ndim != 1 or ids.numel() == 0:
+            raise ValueError("a text segment needs at least one token id")
+        return Segment(SegmentKind.TEXT, context_id, rope_pos, ids.numel(), token_ids=ids, want_logits=want_logits)
+
+    @staticmethod
+    def vit(context_id: str, embeds: Tensor, rope_pos: int) -> Segment:
+        return Segment(SegmentKind.VIT, context_id, rope_pos, embeds.shape[0] + 2, embeds=embeds)
+
+    @staticmethod
+    def vae(context_id: str, latents: Tensor, grid: tuple[int, int], rope_pos: int) -> Segment:
+        _check_grid(latents, grid)
+        return Segment(SegmentKind.VAE, context_id, rope_pos, latents.shape[0] + 2, latents=latents, grid=grid)
+
+    @staticmethod
+    def noise(context_id: str, latents: Tensor, grid: tuple[int, int], t: float, rope_pos: int) -> Segment:
+        _check_grid(latents, grid)
+        return Segment(SegmentKind.NOISE, context_id, rope_pos, latents.shape[0] + 2, latents=latents, grid=grid, t=t)
+
+    @property
+    def causal(self) -> bool:
+        return self.kind is SegmentKind.TEXT
+
+    @property
+    def updates_cache(self) -> bool:
+        return self.kind is not SegmentKind.NOISE
+
+    @property
+    def has_latents(self) -> bool:
+        return self.kind in (SegmentKind.VAE, SegmentKind.NOISE)
+
+    def metadata(self) -> Segment:
+        """This segment without payload tensors (what stages after the first receive)."""
+        return replace(self, token_ids=None, embeds=None, latents=None)
+
+
+def _check_grid(latents: Tensor, grid: tuple[int, int]) -> None:
+    if latents.ndim != 2 or latents.shape[0] != grid[0] * grid[1] or latents.shape[0] == 0:
+        raise ValueError(f"latents {tuple(latents.shape)} do not fit the grid {grid}")
+
+
+@dataclass
+class PackedLayout:
+    """Per-token facts of a packed call: RoPE positions, expert routing, segment row ranges."""
+
+    segments: list[Segment]
+    positions: Tensor  # [T] int64
+    gen_rows: Tensor | None  # rows routed to the generation expert (None: none)
+    und_rows: Tensor | None  # rows routed to the understanding expert (None: none)
+    starts: list[int] = field(default_factory=list)
+
+    @staticmethod
+    def build(segments: list[Segment], device: torch.device) -> PackedLayout:
+        if not segments:
+            raise ValueError("an LLM call needs at least one segment")
+        contexts = [s.context_id for s in segments if s.updates_cache]
+        if len(contexts) != len(set(contexts)):
+            raise ValueError("two cache-updating segments of one call target the same context")
+        positions, gen, starts, row = [], [], [], 0
+        for s in segments:
+            starts.append(row)
+            if s.kind is SegmentKind.TEXT:
+                positions.append(torch.arange(s.rope_pos, s.rope_pos + s.num_tokens))
+            else:
+                positions.append(torch.full((s.num_tokens,), s.rope_pos))
+            if s.has_latents:
+                gen.append(torch.arange(row + 1, row + s.num_tokens - 1))
+            row += s.num_tokens
+        is_gen = torch.zeros(row, dtype=torch.bool)
+        if gen:
+            is_gen[torch.cat(gen)] = True
+        gen_rows = is_gen.nonzero().squeeze(1) if gen else None
+        und_rows = (~is_gen).nonzero().squeeze(1) if not bool(is_gen.all()) else None
+        return PackedLayout(
+            segments, torch.cat(positions).to(device),
+            None if gen_rows is None else gen_rows.to(device),
+            None if und_rows is None else und_rows.to(device), starts,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    def rows(self, i: int) -> slice:
+        return slice(self.starts[i], self.starts[i] + self.segments[i].num_tokens)
+
+    def route(self, x: Tensor, und_fn, gen_fn) -> Tensor:
+        """Apply `und_fn` to understanding rows and `gen_fn` to generation rows of x."""
+        if self.gen_rows is None:
+            return und_fn(x)
+        if self.und_rows is None:
+            return gen_fn(x)
+        y_und = und_fn(x[self.und_rows])
+        y_gen = gen_fn(x[self.gen_rows])
+        out = y_und.new_empty((x.shape[0], *y_und.shape[1:]))
+        out[self.und_rows] = y_und
+        out[self.gen_rows] = y_gen
+        return out

@@ -1,0 +1,131 @@
+"""The executor seam: everything the pipelines ask of the model, and the in-process executor.
+
+Pipelines build `Segment`s for contexts they name by `context_id`; an executor owns the weights
+and the KV caches. `LocalExecutor` runs 1..N `BagelStage`s one after another in this process
+(CPU or GPU); the distributed service implements the same protocol over Ray.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from bagel_model.config import BagelConfig
+from bagel_model.kv_cache import KVCache
+from bagel_model.loader import load_stage, load_vae, load_vision_encoder
+from bagel_model.model import BagelStage
+from bagel_model.segments import PackedLayout, Segment
+from bagel_model.stage import split_layers
+from bagel_model.tokenizer import BagelTokenizer
+from bagel_model.transforms import vit_patches
+from bagel_model.vae import AutoEncoder
+from bagel_model.vit import VisionEncoder
+
+
+class Executor(Protocol):
+    config: BagelConfig
+    tokenizer: BagelTokenizer
+    device: torch.device  # where returned velocities/logits live; the sampler keeps its state here
+
+    def prefill(self, segments: list[Segment]) -> None:
+        """Append the segments' tokens to their contexts' caches."""
+
+    def decode(self, segments: list[Segment]) -> list[Tensor]:
+        """Append text segments and return each one's last-token logits [vocab]."""
+
+    def denoise(self, segments: list[Segment]) -> list[Tensor]:
+        """Velocities [h*w, patch_latent_dim] of noise segments (caches read only)."""
+
+    def fork(self, src: str, dst: str) -> None:
+        """Context `dst` becomes a copy of `src` (empty if `src` has no cache)."""
+
+    def free(self, context_ids: list[str]) -> None:
+        """Drop the caches of these contexts (unknown ids are ignored)."""
+
+    def live_contexts(self) -> list[str]:
+        """Context ids that hold cache memory on any stage."""
+
+    def encode_vit(self, images: list[Tensor]) -> list[Tensor]:
+        """ViT-transformed pixels [3, H, W] in [-1, 1] -> LLM embeddings [N, hidden] each."""
+
+    def encode_vae(self, pixels: Tensor, noise: Tensor) -> Tensor:
+        """Pixels [1, 3, H, W] -> scaled latent [1, z, H/8, W/8], posterior noise injected."""
+
+    def decode_latents(self, latent: Tensor) -> Tensor:
+        """Scaled latent [1, z, H/8, W/8] -> raw decoder output [1, 3, H, W] (float32)."""
+
+
+class LocalExecutor:
+    """All stages in this process, run one after another."""
+
+    def __init__(self, config: BagelConfig, tokenizer: BagelTokenizer, stages: list[BagelStage],
+                 vision: VisionEncoder, vae: AutoEncoder):
+        self.config, self.tokenizer = config, tokenizer
+        self.stages, self.vision, self.vae = stages, vision, vae
+        self.caches = [KVCache(s.stage.layers) for s in stages]
+        self.device = stages[-1].device
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path, *, num_stages: int = 1,
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                        vae_dtype: torch.dtype = torch.float32) -> LocalExecutor:
+        config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
+        tokenizer = BagelTokenizer.from_dir(checkpoint_dir)
+        specs = split_layers(config.llm.num_hidden_layers, num_stages)
+        stages = [load_stage(checkpoint_dir, config, s, device=device, dtype=dtype) for s in specs]
+        vision = load_vision_encoder(checkpoint_dir, config, device=device, dtype=dtype)
+        vae = load_vae(checkpoint_dir, config, device=device, dtype=vae_dtype)
+        return cls(config, tokenizer, stages, vision, vae)
+
+    @torch.inference_mode()
+    def _run(self, segments: list[Segment]) -> list[Tensor | None]:
+        tok = self.tokenizer
+        hidden = self.stages[0].embed(segments, tok.vision_start_id, tok.vision_end_id)
+        layouts: dict[torch.device, PackedLayout] = {}
+        for stage, cache in zip(self.stages, self.caches):
+            device = stage.device
+            if device not in layouts:
+                layouts[device] = PackedLayout.build(segments, device)
+            hidden = stage(hidden.to(device), layouts[device], cache)
+        return self.stages[-1].heads(hidden, layouts[self.stages[-1].device])
+
+    def prefill(self, segments: list[Segment]) -> None:
+        self._run(segments)
+
+    def decode(self, segments: list[Segment]) -> list[Tensor]:
+        return self._run(segments)
+
+    def denoise(self, segments: list[Segment]) -> list[Tensor]:
+        return self._run(segments)
+
+    def fork(self, src: str, dst: str) -> None:
+        for cache in self.caches:
+            cache.fork(src, dst)
+
+    def free(self, context_ids: list[str]) -> None:
+        for cache in self.caches:
+            cache.free(context_ids)
+
+    def live_contexts(self) -> list[str]:
+        return sorted({c for cache in self.caches for c in cache.context_ids()})
+
+    @torch.inference_mode()
+    def encode_vit(self, images: list[Tensor]) -> list[Tensor]:
+        cfg = self.config
+        device = self.vision.connector.fc1.weight.device
+        packed = [vit_patches(img, cfg.vit.patch_size, cfg.vit_max_num_patch_per_side) for img in images]
+        lengths = [p.shape[0] for p, _ in packed]
+        patches = torch.cat([p for p, _ in packed]).to(device)
+        position_ids = torch.cat([i for _, i in packed]).to(device)
+        return list(self.vision(patches, position_ids, lengths).split(lengths))
+
+    @torch.inference_mode()
+    def encode_vae(self, pixels: Tensor, noise: Tensor) -> Tensor:
+        device = self.vae.encoder.conv_in.weight.device
+        return self.vae.encode(pixels.to(device), noise=noise.to(device))
+
+    @torch.inference_mode()
+    def decode_latents(self, latent: Tensor) -> Tensor:
+        return self.vae.decode(latent.to(self.vae.encoder.conv_in.weight.device)).float()

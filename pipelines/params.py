@@ -1,0 +1,79 @@
+"""Inference parameters, with the official BAGEL names and per-task defaults.
+
+Defaults follow the official notebook (text-to-image: cfg_img_scale 1.0; editing: cfg_img_scale
+2.0, cfg_interval [0, 1], text_channel renorm). `validate()` raises `InvalidRequest` naming the
+field before any model work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from bagel_model.errors import InvalidRequest
+
+RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    """Flow-matching sampler and classifier-free guidance settings."""
+
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    timestep_shift: float = 3.0
+    num_timesteps: int = 50
+    cfg_renorm_min: float = 0.0
+    cfg_renorm_type: str = "global"
+    height: int | None = None  # output size; None: the model's largest (1024 for BAGEL-7B-MoT)
+    width: int | None = None  # must stay None when an input image fixes the output size
+
+    def validate(self, max_side: int, stride: int) -> ImageParams:
+        _check(1.0 <= self.cfg_text_scale <= 100.0, "cfg_text_scale", "must be in [1, 100]")
+        _check(1.0 <= self.cfg_img_scale <= 100.0, "cfg_img_scale", "must be in [1, 100]")
+        _check(len(self.cfg_interval) == 2 and 0.0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1.0,
+               "cfg_interval", "must be [start, end] with 0 <= start <= end <= 1")
+        _check(0.0 < self.timestep_shift <= 100.0, "timestep_shift", "must be in (0, 100]")
+        _check(2 <= self.num_timesteps <= 1000, "num_timesteps", "must be in [2, 1000]")
+        _check(0.0 <= self.cfg_renorm_min <= 1.0, "cfg_renorm_min", "must be in [0, 1]")
+        _check(self.cfg_renorm_type in RENORM_TYPES, "cfg_renorm_type", f"must be one of {list(RENORM_TYPES)}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check(value is None or (stride <= value <= max_side and value % stride == 0), name,
+                   f"must be a multiple of {stride} in [{stride}, {max_side}], got {value}")
+        return self
+
+
+EDIT_DEFAULTS = ImageParams(cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+
+
+@dataclass(frozen=True)
+class TextParams:
+    """Text decoding: greedy by default, else plain temperature sampling (no top-k/top-p).
+
+    `max_new_tokens` counts generated tokens; the official `max_think_token_n` is one more
+    (it counts the leading <|im_start|>)."""
+
+    max_new_tokens: int = 999
+    do_sample: bool = False
+    temperature: float = 0.3
+
+    def validate(self, limit: int = 32768) -> TextParams:
+        _check(1 <= self.max_new_tokens <= limit, "max_new_tokens", f"must be in [1, {limit}]")
+        _check(0.0 <= self.temperature <= 10.0, "temperature", "must be in [0, 10]")
+        return self
+
+
+def with_overrides(params, overrides: dict):
+    """`params` with the given fields replaced; unknown names raise InvalidRequest."""
+    names = {f.name for f in fields(params)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise InvalidRequest(f"unknown parameters {unknown}")
+    if "cfg_interval" in overrides:
+        overrides = {**overrides, "cfg_interval": tuple(overrides["cfg_interval"])}
+    return replace(params, **overrides)
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequest(f"{field} {message}")

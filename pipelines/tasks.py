@@ -1,0 +1,154 @@
+"""BAGEL's tasks as short compositions: image generation (text-to-image, editing, interleaved
+inputs, optional thinking) and understanding (text answers about images and text).
+
+Inputs are an ordered list of items, each a string or a PIL image, as in the official
+inferencer. Contexts are built as spec §5.5 describes; all of them are freed when the task ends,
+however it ends.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from bagel_model.errors import InvalidRequest
+from bagel_model.latents import patchify, to_uint8, unpatchify
+from bagel_model.transforms import to_rgb, to_tensor
+
+from .context import Context, Session
+from .executor import Executor
+from .guidance import Branch
+from .noise import NoiseSource
+from .params import ImageParams, TextParams
+from .sampler import StepProgress, sample_image
+from .text import TextStream, generate_text
+
+Item = str | Image.Image
+
+VLM_THINK_SYSTEM_PROMPT = (
+    "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
+    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> answer here"
+)
+GEN_THINK_SYSTEM_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> image here"
+)
+
+
+@dataclass(frozen=True)
+class TextResult:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    image: Image.Image
+    latent: Tensor  # final latent tokens [h*w, patch_latent_dim], float32
+    thought: TextResult | None = None  # think mode: the generated plan
+
+
+def generate_image(executor: Executor, items: list[Item], params: ImageParams, *, think: bool = False,
+                   text_params: TextParams = TextParams(), noise: NoiseSource | None = None,
+                   request_id: str | None = None,
+                   on_step: Callable[[StepProgress], None] | None = None,
+                   on_text: Callable[[str], None] | None = None) -> ImageResult:
+    """Text-to-image (items = [prompt]), editing ([image, prompt]) or any interleaving."""
+    cfg = executor.config
+    _check_items(items, need_text=True)
+    params.validate(cfg.max_image_side, cfg.latent_downsample)
+    noise = noise or NoiseSource()
+    with Session(executor, request_id) as session:
+        cond, cfg_text, cfg_img = session.new("cond"), session.new("cfg_text"), session.new("cfg_img")
+        size = (params.height or cfg.max_image_side, params.width or cfg.max_image_side)
+        if any(isinstance(i, Image.Image) for i in items) and (params.height or params.width):
+            raise InvalidRequest("height and width cannot be set with an input image: the output takes its size")
+        if think:
+            session.append_text([cond, cfg_img], executor.tokenizer.encode(GEN_THINK_SYSTEM_PROMPT))
+        for item in items:
+            if isinstance(item, str):
+                cfg_text = _refork(session, cond, cfg_text)
+                session.append_text([cond, cfg_img], executor.tokenizer.encode(item))
+            else:
+                size = _append_image(session, cond, item, noise, with_vae=True)
+                cfg_text = _refork(session, cond, cfg_text)
+        thought = None
+        if think:
+            thought = _generate(session, cond, text_params, noise.generator, on_text)
+            session.append_text([cond], executor.tokenizer.encode(thought.text))
+        grid = (size[0] // cfg.latent_downsample, size[1] // cfg.latent_downsample)
+        x = noise.randn(grid[0] * grid[1], cfg.patch_latent_dim)
+        contexts = {Branch.COND: cond, Branch.CFG_TEXT: cfg_text, Branch.CFG_IMG: cfg_img}
+        x = sample_image(executor, contexts, grid, params, x, on_step)
+    latent = unpatchify(x.float().cpu(), *grid, p=cfg.latent_patch_size, channels=cfg.latent_channels)
+    decoded = executor.decode_latents(latent)
+    return ImageResult(Image.fromarray(to_uint8(decoded.cpu()).numpy()), x.float().cpu(), thought)
+
+
+def understand(executor: Executor, items: list[Item], text_params: TextParams = TextParams(), *,
+               think: bool = False, seed: int | None = None, request_id: str | None = None,
+               on_text: Callable[[str], None] | None = None) -> TextResult:
+    """Answer about the items (images enter through the ViT only)."""
+    _check_items(items, need_text=False)
+    text_params.validate()
+    noise = NoiseSource(seed)
+    with Session(executor, request_id) as session:
+        cond = session.new("cond")
+        if think:
+            session.append_text([cond], executor.tokenizer.encode(VLM_THINK_SYSTEM_PROMPT))
+        for item in items:
+            if isinstance(item, str):
+                session.append_text([cond], executor.tokenizer.encode(item))
+            else:
+                _append_image(session, cond, item, noise, with_vae=False)
+        return _generate(session, cond, text_params, noise.generator, on_text)
+
+
+def _generate(session: Session, context: Context, params: TextParams, generator: torch.Generator,
+              on_text: Callable[[str], None] | None) -> TextResult:
+    stream = TextStream(session.executor.tokenizer)
+    for token in generate_text(session, context, params, generator):
+        delta = stream.push(token)
+        if delta and on_text is not None:
+            on_text(delta)
+    return TextResult(stream.finish(), stream.ids)
+
+
+def _refork(session: Session, cond: Context, old: Context) -> Context:
+    """The text-free branch becomes a copy of the conditional context as it is now."""
+    session.release(old)
+    return session.fork(cond, "cfg_text")
+
+
+def _append_image(session: Session, context: Context, image: Image.Image, noise: NoiseSource,
+                  with_vae: bool) -> tuple[int, int]:
+    """Append an input image (VAE block, then ViT block); returns its VAE-resized (H, W)."""
+    executor, cfg = session.executor, session.executor.config
+    resized = cfg.vae_transform(to_rgb(image))
+    width, height = resized.size
+    key = id(image)
+    if with_vae:
+        z = cfg.vae.z_channels
+        eps = noise.randn(1, z, height // cfg.vae.downsample, width // cfg.vae.downsample)
+        latent = executor.encode_vae(to_tensor(resized)[None], eps)
+        grid = (height // cfg.latent_downsample, width // cfg.latent_downsample)
+        session.append_vae(context, patchify(latent, cfg.latent_patch_size), grid, key)
+    embeds = executor.encode_vit([to_tensor(cfg.vit_transform(resized))])[0]
+    session.append_vit(context, embeds, key)
+    return height, width
+
+
+def _check_items(items: list[Item], need_text: bool) -> None:
+    if not items:
+        raise InvalidRequest("the input is empty: give at least one text or image")
+    for item in items:
+        if isinstance(item, str):
+            if not item.strip():
+                raise InvalidRequest("a text input is empty")
+        elif not isinstance(item, Image.Image):
+            raise InvalidRequest(f"inputs must be strings or images, got {type(item).__name__}")
+    if need_text and not any(isinstance(i, str) for i in items):
+        raise InvalidRequest("image generation needs a text prompt")
