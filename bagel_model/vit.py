@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .attention import attend
 from .config import BagelConfig, ViTConfig
 from .layers import PositionTable
+from .transforms import vit_patches
 
 
 class _Attention(nn.Module):
@@ -109,8 +110,21 @@ class VisionEncoder(nn.Module):
         self.vit_model = _VitModel(config.vit)
         self.connector = Connector(config.vit.hidden_size, config.llm.hidden_size)
         self.vit_pos_embed = PositionTable(config.vit_max_num_patch_per_side, config.llm.hidden_size)
+        self.patching = (config.vit.patch_size, config.vit_max_num_patch_per_side)
 
     def forward(self, patches: Tensor, position_ids: Tensor, lengths: list[int]) -> Tensor:
         dtype = self.connector.fc1.weight.dtype
         features = self.vit_model.vision_model(patches.to(dtype), position_ids, lengths)
         return self.connector(features) + self.vit_pos_embed(position_ids)
+
+    @torch.inference_mode()
+    def embed_images(self, images: list[Tensor]) -> list[Tensor]:
+        """ViT-transformed images [3, H, W] in [-1, 1] -> LLM embeddings [N_i, hidden] each,
+        packed into one call (attention stays inside each image)."""
+        patch_size, per_side = self.patching
+        device = self.connector.fc1.weight.device
+        packed = [vit_patches(img, patch_size, per_side) for img in images]
+        lengths = [p.shape[0] for p, _ in packed]
+        patches = torch.cat([p for p, _ in packed]).to(device)
+        position_ids = torch.cat([i for _, i in packed]).to(device)
+        return list(self(patches, position_ids, lengths).split(lengths))

@@ -19,7 +19,6 @@ from bagel_model.model import BagelStage
 from bagel_model.segments import PackedLayout, Segment
 from bagel_model.stage import split_layers
 from bagel_model.tokenizer import BagelTokenizer
-from bagel_model.transforms import vit_patches
 from bagel_model.vae import AutoEncoder
 from bagel_model.vit import VisionEncoder
 
@@ -111,15 +110,8 @@ class LocalExecutor:
     def live_contexts(self) -> list[str]:
         return sorted({c for cache in self.caches for c in cache.context_ids()})
 
-    @torch.inference_mode()
     def encode_vit(self, images: list[Tensor]) -> list[Tensor]:
-        cfg = self.config
-        device = self.vision.connector.fc1.weight.device
-        packed = [vit_patches(img, cfg.vit.patch_size, cfg.vit_max_num_patch_per_side) for img in images]
-        lengths = [p.shape[0] for p, _ in packed]
-        patches = torch.cat([p for p, _ in packed]).to(device)
-        position_ids = torch.cat([i for _, i in packed]).to(device)
-        return list(self.vision(patches, position_ids, lengths).split(lengths))
+        return self.vision.embed_images(images)
 
     @torch.inference_mode()
     def encode_vae(self, pixels: Tensor, noise: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ field before any model work.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from numbers import Integral, Real
 
 from bagel_model.errors import InvalidRequest
 
@@ -28,18 +29,25 @@ class ImageParams:
     width: int | None = None  # must stay None when an input image fixes the output size
 
     def validate(self, max_side: int, stride: int) -> ImageParams:
-        _check(1.0 <= self.cfg_text_scale <= 100.0, "cfg_text_scale", "must be in [1, 100]")
-        _check(1.0 <= self.cfg_img_scale <= 100.0, "cfg_img_scale", "must be in [1, 100]")
-        _check(len(self.cfg_interval) == 2 and 0.0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1.0,
+        _check(_number(self.cfg_text_scale) and 1.0 <= self.cfg_text_scale <= 100.0,
+               "cfg_text_scale", "must be in [1, 100]")
+        _check(_number(self.cfg_img_scale) and 1.0 <= self.cfg_img_scale <= 100.0,
+               "cfg_img_scale", "must be in [1, 100]")
+        _check(isinstance(self.cfg_interval, (tuple, list)) and len(self.cfg_interval) == 2
+               and all(_number(v) for v in self.cfg_interval)
+               and 0.0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1.0,
                "cfg_interval", "must be [start, end] with 0 <= start <= end <= 1")
-        _check(0.0 < self.timestep_shift <= 100.0, "timestep_shift", "must be in (0, 100]")
-        _check(2 <= self.num_timesteps <= 1000, "num_timesteps", "must be in [2, 1000]")
-        _check(0.0 <= self.cfg_renorm_min <= 1.0, "cfg_renorm_min", "must be in [0, 1]")
+        _check(_number(self.timestep_shift) and 0.0 < self.timestep_shift <= 100.0,
+               "timestep_shift", "must be in (0, 100]")
+        _check(_integer(self.num_timesteps) and 2 <= self.num_timesteps <= 1000, "num_timesteps",
+               "must be an integer in [2, 1000]")
+        _check(_number(self.cfg_renorm_min) and 0.0 <= self.cfg_renorm_min <= 1.0,
+               "cfg_renorm_min", "must be in [0, 1]")
         _check(self.cfg_renorm_type in RENORM_TYPES, "cfg_renorm_type", f"must be one of {list(RENORM_TYPES)}")
         for name in ("height", "width"):
             value = getattr(self, name)
-            _check(value is None or (stride <= value <= max_side and value % stride == 0), name,
-                   f"must be a multiple of {stride} in [{stride}, {max_side}], got {value}")
+            _check(value is None or (_integer(value) and stride <= value <= max_side and value % stride == 0),
+                   name, f"must be an integer multiple of {stride} in [{stride}, {max_side}], got {value}")
         return self
 
 
@@ -58,8 +66,10 @@ class TextParams:
     temperature: float = 0.3
 
     def validate(self, limit: int = 32768) -> TextParams:
-        _check(1 <= self.max_new_tokens <= limit, "max_new_tokens", f"must be in [1, {limit}]")
-        _check(0.0 <= self.temperature <= 10.0, "temperature", "must be in [0, 10]")
+        _check(_integer(self.max_new_tokens) and 1 <= self.max_new_tokens <= limit, "max_new_tokens",
+               f"must be an integer in [1, {limit}]")
+        _check(_number(self.temperature) and 0.0 <= self.temperature <= 10.0,
+               "temperature", "must be in [0, 10]")
         return self
 
 
@@ -72,6 +82,14 @@ def with_overrides(params, overrides: dict):
     if "cfg_interval" in overrides:
         overrides = {**overrides, "cfg_interval": tuple(overrides["cfg_interval"])}
     return replace(params, **overrides)
+
+
+def _number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def _check(ok: bool, field: str, message: str) -> None:

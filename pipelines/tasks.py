@@ -60,6 +60,7 @@ def generate_image(executor: Executor, items: list[Item], params: ImageParams, *
     cfg = executor.config
     _check_items(items, need_text=True)
     params.validate(cfg.max_image_side, cfg.latent_downsample)
+    text_params.validate()
     noise = noise or NoiseSource()
     with Session(executor, request_id) as session:
         cond, cfg_text, cfg_img = session.new("cond"), session.new("cfg_text"), session.new("cfg_img")

@@ -1,0 +1,54 @@
+"""Typed requests and results of the application, for Python callers of its Ray handle.
+
+    handle = serve.get_app_handle("bagel")
+    out = handle.generate.remote(ImageTask(items=["a red fox"], params=ImageParams(num_timesteps=30))).result()
+    open("fox.png", "wb").write(out.png)
+
+Items are strings or images (PIL images or encoded image bytes), in conversation order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from pipelines.params import ImageParams, TextParams
+
+Item = str | bytes | Image.Image
+
+
+@dataclass
+class ImageTask:
+    """Text-to-image ([prompt]), editing ([image, prompt]) or any interleaving."""
+
+    items: list[Item]
+    params: ImageParams = field(default_factory=ImageParams)
+    think: bool = False
+    text_params: TextParams = field(default_factory=TextParams)  # for the thought
+    seed: int | None = None
+
+
+@dataclass
+class ImageOutput:
+    png: bytes
+    width: int
+    height: int
+    seed: int
+    thought: str | None = None
+
+
+@dataclass
+class TextTask:
+    """Understanding: answer about the items."""
+
+    items: list[Item]
+    params: TextParams = field(default_factory=TextParams)
+    think: bool = False
+    seed: int | None = None
+
+
+@dataclass
+class TextOutput:
+    text: str
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length"

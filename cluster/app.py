@@ -1,0 +1,25 @@
+"""`build_app`: the Serve application (the `import_path` of ray_config.yaml).
+
+Binds the encoder and decoder deployments into the orchestrator (the ingress), which creates
+the pipeline's stage workers itself.
+"""
+from __future__ import annotations
+
+from ray.serve import Application
+
+from .args import AppArgs
+from .decoder import Decoder
+from .devices import resolve_dtype
+from .encoder import Encoder
+from .orchestrator import Orchestrator
+
+
+def build_app(args: dict | AppArgs | None = None) -> Application:
+    a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
+    checkpoint = a.checkpoint_dir
+    enc_device = a.device if a.device != "auto" else ("cuda" if a.encoder_gpus > 0 else "cpu")
+    dec_device = a.device if a.device != "auto" else ("cuda" if a.decoder_gpus > 0 else "cpu")
+    encoder = Encoder.options(ray_actor_options={"num_cpus": 0, "num_gpus": a.encoder_gpus}).bind(
+        checkpoint, enc_device, resolve_dtype(a.dtype, enc_device))
+    decoder = Decoder.options(ray_actor_options={"num_cpus": 0, "num_gpus": a.decoder_gpus}).bind(checkpoint, dec_device)
+    return Orchestrator.bind(a, encoder, decoder)

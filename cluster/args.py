@@ -1,0 +1,56 @@
+"""`AppArgs`: everything `ray_config.yaml` (or `build_app`) can set, validated by pydantic.
+
+Environment variables fill what the config leaves out: BAGEL_CHECKPOINT (checkpoint folder;
+unset: the built-in demo model), BAGEL_NUM_STAGES, BAGEL_DEVICE, BAGEL_DTYPE.
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class Limits(BaseModel):
+    """Input limits, enforced before any model work (violations are HTTP 400)."""
+
+    max_upload_bytes: int = Field(20 * 2**20, gt=0, description="largest accepted image upload")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="largest input image (W*H) decoded")
+    max_aspect_ratio: float = Field(16.0, ge=1.0, description="largest long/short side ratio of an input image")
+    max_images: int = Field(4, ge=1, description="images per request")
+    max_prompt_chars: int = Field(16_000, gt=0, description="characters of text per request")
+    max_n: int = Field(4, ge=1, description="images per generation request")
+    max_num_timesteps: int = Field(200, ge=2)
+    max_new_tokens: int = Field(4096, ge=1)
+
+
+class AppArgs(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    checkpoint_dir: str | None = Field(None, description="BAGEL checkpoint folder; null: $BAGEL_CHECKPOINT or the demo model")
+    model_name: str | None = Field(None, description="model id shown by /v1/models (default: folder name)")
+    num_stages: int = Field(1, ge=1, description="pipeline stages (MoT workers)")
+    layer_sizes: list[int] | None = Field(None, description="LLM layers per stage (default: even split)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    gpus_per_stage: float = Field(0.0, ge=0, description="GPU share of each stage worker (e.g. 1, or 0.25 on one GPU)")
+    encoder_gpus: float = Field(0.0, ge=0)
+    decoder_gpus: float = Field(0.0, ge=0)
+    stage_memory_fraction: float | None = Field(None, gt=0, le=1, description="cap of each stage process's GPU memory")
+    transport: Literal["auto", "gloo", "nccl", "cuda_ipc"] = "auto"
+    split_branches: bool | None = Field(None, description="CFG branches as separate micro-batches (default: when >1 stage)")
+    max_concurrent_requests: int = Field(8, ge=1, description="requests worked on at once")
+    max_queued_requests: int = Field(32, ge=0, description="requests waiting beyond that; more get 429")
+    retry_after_s: int = Field(2, ge=1)
+    limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _environment(cls, values: dict) -> dict:
+        values = dict(values or {})
+        env = {"checkpoint_dir": "BAGEL_CHECKPOINT", "num_stages": "BAGEL_NUM_STAGES",
+               "device": "BAGEL_DEVICE", "dtype": "BAGEL_DTYPE"}
+        for key, var in env.items():
+            if values.get(key) is None and os.environ.get(var):
+                values[key] = os.environ[var]
+        return values

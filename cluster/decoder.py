@@ -1,0 +1,27 @@
+"""Decoder deployment: VAE decode of scaled latents to raw pixels (float32)."""
+from __future__ import annotations
+
+import torch
+from ray import serve
+from torch import Tensor
+
+from bagel_model.config import BagelConfig
+from bagel_model.loader import load_vae
+
+from .devices import resolve_device
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Decoder:
+    def __init__(self, checkpoint_dir: str, device: str):
+        self.device = resolve_device(device)
+        config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
+        self.vae = load_vae(checkpoint_dir, config, device=self.device, dtype=torch.float32)
+
+    @torch.inference_mode()
+    def decode(self, latent: Tensor) -> Tensor:
+        return self.vae.decode(latent).float().cpu()
+
+    def check_health(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,32 @@
+"""Encoder deployment: ViT + connector (images -> LLM embeddings) and the VAE encoder
+(images -> scaled latents). Scaled separately from the stages."""
+from __future__ import annotations
+
+import torch
+from ray import serve
+from torch import Tensor
+
+from bagel_model.config import BagelConfig
+from bagel_model.loader import load_vae, load_vision_encoder
+
+from .devices import resolve_device
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Encoder:
+    def __init__(self, checkpoint_dir: str, device: str, dtype: torch.dtype):
+        self.device = resolve_device(device)
+        config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
+        self.vision = load_vision_encoder(checkpoint_dir, config, device=self.device, dtype=dtype)
+        self.vae = load_vae(checkpoint_dir, config, device=self.device, dtype=torch.float32)
+
+    def encode_vit(self, images: list[Tensor]) -> list[Tensor]:
+        return [e.cpu() for e in self.vision.embed_images(images)]
+
+    @torch.inference_mode()
+    def encode_vae(self, pixels: Tensor, noise: Tensor) -> Tensor:
+        return self.vae.encode(pixels, noise=noise).cpu()
+
+    def check_health(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,78 @@
+"""`StageWorker`: one pipeline stage in its own process (a Ray actor).
+
+It owns a `BagelStage` (its range of LLM layers, loaded straight from the checkpoint) and the
+KV caches of those layers for every live context. `run` takes one micro-batch: the first stage
+embeds the segments, the others receive hidden states from the previous stage; the last stage
+returns per-segment outputs (logits / velocities) on the CPU, the others send hidden states on.
+Actor calls execute in submission order, which keeps every stage on the same micro-batch order.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+from torch import Tensor
+
+from bagel_model.config import BagelConfig
+from bagel_model.kv_cache import KVCache
+from bagel_model.loader import load_stage
+from bagel_model.segments import PackedLayout, Segment
+from bagel_model.stage import StageSpec
+from bagel_model.tokenizer import BagelTokenizer
+
+from .devices import resolve_device
+from .transport import Handle, Transport
+
+
+class StageWorker:
+    def __init__(self, checkpoint_dir: str, spec: StageSpec, device: str, dtype: torch.dtype,
+                 memory_fraction: float | None = None):
+        self.spec = spec
+        self.device = resolve_device(device)
+        if self.device.type == "cuda" and memory_fraction:
+            torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
+        config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
+        tokenizer = BagelTokenizer.from_dir(checkpoint_dir)
+        self.markers = (tokenizer.vision_start_id, tokenizer.vision_end_id)
+        self.model = load_stage(checkpoint_dir, config, spec, device=self.device, dtype=dtype)
+        self.cache = KVCache(spec.layers)
+        self.transport: Transport | None = None
+
+    def rendezvous_address(self) -> str:
+        """A `tcp://host:port` this process can listen on (asked of stage 0)."""
+        host = socket.gethostbyname(socket.gethostname())
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{host}:{port}"
+
+    def init_transport(self, kind: str, init_method: str | None) -> int:
+        self.transport = Transport(kind, self.spec.index, self.spec.num_stages, init_method, self.device)
+        return os.getpid()
+
+    @torch.inference_mode()
+    def run(self, microbatch: int, segments: list[Segment], upstream: Handle | None,
+            released: list[int]) -> Handle | list[Tensor | None]:
+        self.transport.release(released)
+        if self.spec.is_first:
+            hidden = self.model.embed(segments, *self.markers)
+        else:
+            hidden = self.transport.recv(upstream)
+        layout = PackedLayout.build(segments, self.device)
+        hidden = self.model(hidden, layout, self.cache)
+        if not self.spec.is_last:
+            return self.transport.send(hidden, microbatch)
+        return [None if out is None else out.cpu() for out in self.model.heads(hidden, layout)]
+
+    def fork(self, src: str, dst: str) -> None:
+        self.cache.fork(src, dst)
+
+    def free(self, context_ids: list[str]) -> None:
+        self.cache.free(context_ids)
+
+    def stats(self) -> dict:
+        memory = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
+        return {"stage": self.spec.index, "layers": [self.spec.layers.start, self.spec.layers.stop],
+                "live_contexts": len(self.cache.context_ids()), "context_ids": self.cache.context_ids(),
+                "kv_bytes": self.cache.nbytes(), "gpu_memory_bytes": memory, "pid": os.getpid()}
