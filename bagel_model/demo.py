@@ -135,6 +135,11 @@ def demo_checkpoint_dir(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def checkpoint_or_demo(path: str | Path | None) -> Path:
+    """`path`, or the demo checkpoint folder when no path is given."""
+    return Path(path) if path else demo_checkpoint_dir()
+
+
 def is_demo_checkpoint(path: str | Path) -> bool:
     parity = Path(path) / "parity_config.json"
     return parity.is_file() and DEMO_LABEL in parity.read_text()

@@ -3,6 +3,7 @@
     bagel generate "a red fox in the snow" -o fox.png
     bagel edit fox.png "make it night" -o night.png
     bagel understand --image fox.png "What animal is this?"
+    bagel serve                                  # the HTTP service (ray_config.yaml)
 
 The model comes from --checkpoint, else $BAGEL_CHECKPOINT, else the built-in demo model (tiny,
 RANDOM weights: its images are noise and its text is gibberish). A bad request, input image or
@@ -20,6 +21,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .serve import add_serve
 
 EXIT_OK = 0
 EXIT_ERROR = 2  # bad request, input or checkpoint (argparse uses 2 for bad arguments too)
@@ -101,6 +104,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "generate": add_generate,
     "edit": add_edit,
     "understand": add_understand,
+    "serve": add_serve,
 }
 
 

@@ -6,6 +6,7 @@ from ray import serve
 from torch import Tensor
 
 from bagel_model.config import BagelConfig
+from bagel_model.demo import checkpoint_or_demo
 from bagel_model.loader import load_vae
 
 from .devices import resolve_device
@@ -13,8 +14,9 @@ from .devices import resolve_device
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Decoder:
-    def __init__(self, checkpoint_dir: str, device: str):
+    def __init__(self, checkpoint_dir: str | None, device: str):
         self.device = resolve_device(device)
+        checkpoint_dir = checkpoint_or_demo(checkpoint_dir)
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         self.vae = load_vae(checkpoint_dir, config, device=self.device, dtype=torch.float32)
 

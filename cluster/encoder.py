@@ -7,6 +7,7 @@ from ray import serve
 from torch import Tensor
 
 from bagel_model.config import BagelConfig
+from bagel_model.demo import checkpoint_or_demo
 from bagel_model.loader import load_vae, load_vision_encoder
 
 from .devices import resolve_device
@@ -14,8 +15,9 @@ from .devices import resolve_device
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Encoder:
-    def __init__(self, checkpoint_dir: str, device: str, dtype: torch.dtype):
+    def __init__(self, checkpoint_dir: str | None, device: str, dtype: torch.dtype):
         self.device = resolve_device(device)
+        checkpoint_dir = checkpoint_or_demo(checkpoint_dir)
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         self.vision = load_vision_encoder(checkpoint_dir, config, device=self.device, dtype=dtype)
         self.vae = load_vae(checkpoint_dir, config, device=self.device, dtype=torch.float32)

@@ -26,7 +26,7 @@ from PIL import Image
 from ray import serve
 
 from bagel_model.config import BagelConfig
-from bagel_model.demo import DEMO_LABEL, demo_checkpoint_dir, is_demo_checkpoint
+from bagel_model.demo import DEMO_LABEL, checkpoint_or_demo, is_demo_checkpoint
 from bagel_model.errors import BagelError, InvalidRequest
 from bagel_model.tokenizer import BagelTokenizer
 from bagel_model.transforms import open_image
@@ -141,7 +141,7 @@ async def _edit_body(request: Request, max_bytes: int) -> ImageEditRequest:
 class Orchestrator:
     def __init__(self, args: AppArgs, encoder, decoder):
         self.args = args
-        checkpoint = args.checkpoint_dir or str(demo_checkpoint_dir())
+        checkpoint = str(checkpoint_or_demo(args.checkpoint_dir))
         self.is_demo = is_demo_checkpoint(checkpoint)
         self.model_name = args.model_name or ("bagel-demo" if self.is_demo else Path(checkpoint).name)
         self.config = BagelConfig.from_checkpoint_dir(checkpoint)

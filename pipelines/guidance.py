@@ -38,7 +38,7 @@ def branches_for_step(t: float, params: ImageParams) -> tuple[Branch, ...]:
 def combine(v: dict[Branch, Tensor], params: ImageParams) -> Tensor:
     """The guided velocity [tokens, channels] from the branch velocities of one image."""
     v_cond = v[Branch.COND].float()
-    if Branch.CFG_TEXT not in v:
+    if Branch.CFG_TEXT not in v or params.cfg_text_scale <= 1.0:
         return v_cond
     v_text = v[Branch.CFG_TEXT].float()
     v_img = v[Branch.CFG_IMG].float() if Branch.CFG_IMG in v else None
