@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from .transforms import ResizeRule
 from .vae import AutoEncoder, VAEConfig
 from .vit import VisionEncoder
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_LABEL = "bagel-demo (tiny model with RANDOM weights: outputs are noise)"
 
 
@@ -56,9 +57,10 @@ def demo_config(num_layers: int = 2, vocab_size: int | None = None) -> BagelConf
 @torch.no_grad()
 def init_random_weights(module: nn.Module, seed: int) -> nn.Module:
     """Fill every parameter in place, on its own device: Linear/conv weights N(0, 1/fan_in),
-    norm weights 1 + N(0, 0.1^2), biases N(0, 0.05^2), embeddings N(0, 1), sin-cos tables exact."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    for name, sub in module.named_modules():
+    norm weights 1 + N(0, 0.1^2), biases N(0, 0.05^2), embeddings N(0, 1), sin-cos tables exact.
+    Numbers are drawn on the parameters' device (the same seed gives the same weights there)."""
+    generators: dict[torch.device, torch.Generator] = {}
+    for sub in module.modules():
         if isinstance(sub, PositionTable):
             sub.pos_embed.copy_(sincos_2d_table(sub.pos_embed.shape[1], sub.grid))
             continue
@@ -71,12 +73,34 @@ def init_random_weights(module: nn.Module, seed: int) -> nn.Module:
                 std, mean = 0.1, 1.0
             else:
                 std, mean = 1.0 / math.sqrt(p[0].numel()), 0.0
-            # Draw on the CPU in chunks so large models get the same numbers on any device.
+            if p.device not in generators:
+                generators[p.device] = torch.Generator(p.device).manual_seed(seed)
             flat = p.view(-1)
-            for start in range(0, flat.numel(), 1 << 24):
-                chunk = flat[start:start + (1 << 24)]
-                chunk.copy_(torch.randn(chunk.numel(), generator=generator) * std + mean)
+            for start in range(0, flat.numel(), 1 << 26):  # chunks bound the float32 scratch memory
+                chunk = flat[start:start + (1 << 26)]
+                noise = torch.randn(chunk.numel(), generator=generators[p.device], device=p.device)
+                chunk.copy_(noise * std + mean)
     return module
+
+
+def random_module(build: Callable[[], nn.Module], device: torch.device | str, dtype: torch.dtype,
+                  seed: int) -> nn.Module:
+    """A module built straight on `device` in `dtype` with random weights (benchmarks only)."""
+    with torch.device("meta"):
+        module = build()
+    module = module.to_empty(device=device).to(dtype)
+    return init_random_weights(module, seed).eval().requires_grad_(False)
+
+
+def write_config_folder(path: str | Path, config: BagelConfig, tokenizer: BagelTokenizer) -> Path:
+    """A checkpoint folder without weights (configs and tokenizer), for `random_weights` runs."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    llm_cfg, vit_cfg, parity = config.to_dicts()
+    for name, doc in (("llm_config.json", llm_cfg), ("vit_config.json", vit_cfg), ("parity_config.json", parity)):
+        (path / name).write_text(json.dumps(doc, indent=2) + "\n")
+    tokenizer.save(path)
+    return path
 
 
 @torch.no_grad()
@@ -95,11 +119,9 @@ def write_checkpoint(path: str | Path, config: BagelConfig, tokenizer: BagelToke
     ema = {k: v.to(torch.bfloat16).contiguous() for m in (llm, vision) for k, v in m.state_dict().items()}
     save_file(ema, str(path / "ema.safetensors"))
     save_file({k: v.float().contiguous() for k, v in vae.state_dict().items()}, str(path / "ae.safetensors"))
-    llm_cfg, vit_cfg, parity = config.to_dicts()
-    parity["_comment"] = DEMO_LABEL
-    for name, doc in (("llm_config.json", llm_cfg), ("vit_config.json", vit_cfg), ("parity_config.json", parity)):
-        (path / name).write_text(json.dumps(doc, indent=2) + "\n")
-    tokenizer.save(path)
+    write_config_folder(path, config, tokenizer)
+    parity = json.loads((path / "parity_config.json").read_text())
+    (path / "parity_config.json").write_text(json.dumps({**parity, "_comment": DEMO_LABEL}, indent=2) + "\n")
     return path
 
 

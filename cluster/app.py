@@ -20,6 +20,6 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
     enc_device = a.device if a.device != "auto" else ("cuda" if a.encoder_gpus > 0 else "cpu")
     dec_device = a.device if a.device != "auto" else ("cuda" if a.decoder_gpus > 0 else "cpu")
     encoder = Encoder.options(ray_actor_options={"num_cpus": 0, "num_gpus": a.encoder_gpus}).bind(
-        checkpoint, enc_device, resolve_dtype(a.dtype, enc_device))
-    decoder = Decoder.options(ray_actor_options={"num_cpus": 0, "num_gpus": a.decoder_gpus}).bind(checkpoint, dec_device)
+        checkpoint, enc_device, resolve_dtype(a.dtype, enc_device), a.random_weights)
+    decoder = Decoder.options(ray_actor_options={"num_cpus": 0, "num_gpus": a.decoder_gpus}).bind(checkpoint, dec_device, a.random_weights)
     return Orchestrator.bind(a, encoder, decoder)

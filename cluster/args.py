@@ -43,6 +43,8 @@ class AppArgs(BaseModel):
     max_queued_requests: int = Field(32, ge=0, description="requests waiting beyond that; more get 429")
     retry_after_s: int = Field(2, ge=1)
     limits: Limits = Field(default_factory=Limits)
+    random_weights: bool = Field(False, description="benchmarks: random weights made on the devices; "
+                                 "checkpoint_dir then needs only configs and tokenizer")
 
     @model_validator(mode="before")
     @classmethod

@@ -6,19 +6,23 @@ from ray import serve
 from torch import Tensor
 
 from bagel_model.config import BagelConfig
-from bagel_model.demo import checkpoint_or_demo
+from bagel_model.demo import checkpoint_or_demo, random_module
 from bagel_model.loader import load_vae
+from bagel_model.vae import AutoEncoder
 
 from .devices import resolve_device
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Decoder:
-    def __init__(self, checkpoint_dir: str | None, device: str):
+    def __init__(self, checkpoint_dir: str | None, device: str, random_weights: bool = False):
         self.device = resolve_device(device)
         checkpoint_dir = checkpoint_or_demo(checkpoint_dir)
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
-        self.vae = load_vae(checkpoint_dir, config, device=self.device, dtype=torch.float32)
+        if random_weights:
+            self.vae = random_module(lambda: AutoEncoder(config.vae), self.device, torch.float32, seed=101)
+        else:
+            self.vae = load_vae(checkpoint_dir, config, device=self.device, dtype=torch.float32)
 
     @torch.inference_mode()
     def decode(self, latent: Tensor) -> Tensor:

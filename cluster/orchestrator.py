@@ -151,6 +151,7 @@ class Orchestrator:
             checkpoint, self.config.llm.num_hidden_layers, args.num_stages, device=device,
             dtype=resolve_dtype(args.dtype, device), gpus_per_stage=args.gpus_per_stage,
             memory_fraction=args.stage_memory_fraction, transport=args.transport, layer_sizes=args.layer_sizes,
+            random_weights=args.random_weights,
         )
         self.executor = ClusterExecutor(self.config, self.tokenizer, self.stages, encoder, decoder, args.split_branches)
         self.pool = ThreadPoolExecutor(args.max_concurrent_requests, thread_name_prefix="request")

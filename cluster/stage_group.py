@@ -28,7 +28,7 @@ class StageGroup:
     def __init__(self, checkpoint_dir: str, num_layers: int, num_stages: int, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, gpus_per_stage: float = 0.0,
                  memory_fraction: float | None = None, transport: str = "auto",
-                 layer_sizes: list[int] | None = None):
+                 layer_sizes: list[int] | None = None, random_weights: bool = False):
         self.specs = split_layers(num_layers, num_stages, layer_sizes)
         self._pg = None
         options: dict = {"num_cpus": 0, "max_restarts": 0}
@@ -41,7 +41,8 @@ class StageGroup:
             opts = dict(options, num_gpus=gpus_per_stage)
             if self._pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, spec.index)
-            self.workers.append(worker_cls.options(**opts).remote(checkpoint_dir, spec, device, dtype, memory_fraction))
+            self.workers.append(worker_cls.options(**opts).remote(
+                checkpoint_dir, spec, device, dtype, memory_fraction, random_weights))
         self.transport = self._choose_transport(transport, device)
         init_method = None
         if self.transport in ("gloo", "nccl") and num_stages > 1:

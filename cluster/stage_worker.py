@@ -16,7 +16,9 @@ from torch import Tensor
 
 from bagel_model.config import BagelConfig
 from bagel_model.kv_cache import KVCache
+from bagel_model.demo import random_module
 from bagel_model.loader import load_stage
+from bagel_model.model import BagelStage
 from bagel_model.segments import PackedLayout, Segment
 from bagel_model.stage import StageSpec
 from bagel_model.tokenizer import BagelTokenizer
@@ -27,7 +29,7 @@ from .transport import Handle, Transport
 
 class StageWorker:
     def __init__(self, checkpoint_dir: str, spec: StageSpec, device: str, dtype: torch.dtype,
-                 memory_fraction: float | None = None):
+                 memory_fraction: float | None = None, random_weights: bool = False):
         self.spec = spec
         self.device = resolve_device(device)
         if self.device.type == "cuda" and memory_fraction:
@@ -35,7 +37,10 @@ class StageWorker:
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         tokenizer = BagelTokenizer.from_dir(checkpoint_dir)
         self.markers = (tokenizer.vision_start_id, tokenizer.vision_end_id)
-        self.model = load_stage(checkpoint_dir, config, spec, device=self.device, dtype=dtype)
+        if random_weights:
+            self.model = random_module(lambda: BagelStage(config, spec), self.device, dtype, seed=spec.index)
+        else:
+            self.model = load_stage(checkpoint_dir, config, spec, device=self.device, dtype=dtype)
         self.cache = KVCache(spec.layers)
         self.transport: Transport | None = None
 
