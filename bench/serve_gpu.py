@@ -43,7 +43,7 @@ def main() -> None:
     total = torch.cuda.get_device_properties(0).total_memory
     fraction = args.stage_memory_gib * 2**30 / total
     folder = write_config_folder(Path(tempfile.mkdtemp()) / "bagel-7b-config", BagelConfig(), demo_tokenizer())
-    share = round(0.8 / args.stages, 3)
+    share = int(80 / args.stages) / 100  # the stages share 80% of the GPU; encoder and decoder 10% each
     app_args = {"checkpoint_dir": str(folder), "random_weights": True, "num_stages": args.stages,
                 "device": "cuda", "dtype": "bfloat16", "gpus_per_stage": share, "encoder_gpus": 0.1,
                 "decoder_gpus": 0.1, "stage_memory_fraction": fraction}

@@ -28,13 +28,21 @@ class StageGroup:
     def __init__(self, checkpoint_dir: str, num_layers: int, num_stages: int, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, gpus_per_stage: float = 0.0,
                  memory_fraction: float | None = None, transport: str = "auto",
-                 layer_sizes: list[int] | None = None, random_weights: bool = False):
+                 layer_sizes: list[int] | None = None, random_weights: bool = False,
+                 placement_timeout_s: float = 120.0):
         self.specs = split_layers(num_layers, num_stages, layer_sizes)
         self._pg = None
         options: dict = {"num_cpus": 0, "max_restarts": 0}
         if gpus_per_stage > 0:
             self._pg = placement_group([{"GPU": gpus_per_stage}] * num_stages, strategy="PACK")
-            ray.get(self._pg.ready())
+            try:
+                ray.get(self._pg.ready(), timeout=placement_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                remove_placement_group(self._pg)
+                raise RuntimeError(
+                    f"cannot place {num_stages} stages of {gpus_per_stage} GPU each within "
+                    f"{placement_timeout_s} s: the cluster has {ray.available_resources().get('GPU', 0)} GPUs free"
+                ) from None
         worker_cls = ray.remote(StageWorker)
         self.workers = []
         for spec in self.specs:
