@@ -19,6 +19,7 @@ class Limits(BaseModel):
     max_aspect_ratio: float = Field(16.0, ge=1.0, description="largest long/short side ratio of an input image")
     max_images: int = Field(4, ge=1, description="images per request")
     max_prompt_chars: int = Field(16_000, gt=0, description="characters of text per request")
+    max_prompt_tokens: int = Field(4096, gt=0, description="tokens of text per request")
     max_n: int = Field(4, ge=1, description="images per generation request")
     max_num_timesteps: int = Field(200, ge=2)
     max_new_tokens: int = Field(4096, ge=1)
@@ -42,6 +43,9 @@ class AppArgs(BaseModel):
     max_concurrent_requests: int = Field(8, ge=1, description="requests worked on at once")
     max_queued_requests: int = Field(32, ge=0, description="requests waiting beyond that; more get 429")
     retry_after_s: int = Field(2, ge=1)
+    request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queueing included (504 after)")
+    kv_cache_bytes: int | None = Field(None, gt=0, description="KV-cache budget per stage; requests wait for room (null: no limit)")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1/* ($BAGEL_API_KEY)")
     limits: Limits = Field(default_factory=Limits)
     random_weights: bool = Field(False, description="benchmarks: random weights made on the devices; "
                                  "checkpoint_dir then needs only configs and tokenizer")
@@ -51,7 +55,7 @@ class AppArgs(BaseModel):
     def _environment(cls, values: dict) -> dict:
         values = dict(values or {})
         env = {"checkpoint_dir": "BAGEL_CHECKPOINT", "num_stages": "BAGEL_NUM_STAGES",
-               "device": "BAGEL_DEVICE", "dtype": "BAGEL_DTYPE"}
+               "device": "BAGEL_DEVICE", "dtype": "BAGEL_DTYPE", "api_key": "BAGEL_API_KEY"}
         for key, var in env.items():
             if values.get(key) is None and os.environ.get(var):
                 values[key] = os.environ[var]

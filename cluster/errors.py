@@ -13,7 +13,15 @@ class Cancelled(BagelError):
 
 
 class StageFailed(BagelError):
-    """A worker process failed while serving the request."""
+    """A worker process failed while serving the request (or the workers are being replaced)."""
+
+
+class DeadlineExceeded(BagelError):
+    """The request ran past the service's per-request time limit."""
+
+
+class Unauthorized(BagelError):
+    """The API key is missing or wrong."""
 
 
 # exception class -> (HTTP status, OpenAI error type)
@@ -22,6 +30,8 @@ STATUS: dict[type[Exception], tuple[int, str]] = {
     Overloaded: (429, "rate_limit_error"),
     Cancelled: (499, "cancelled"),
     StageFailed: (503, "service_unavailable"),
+    DeadlineExceeded: (504, "timeout"),
+    Unauthorized: (401, "authentication_error"),
     CheckpointError: (500, "server_error"),
 }
 

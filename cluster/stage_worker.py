@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import torch
 from torch import Tensor
@@ -43,6 +44,7 @@ class StageWorker:
             self.model = load_stage(checkpoint_dir, config, spec, device=self.device, dtype=dtype)
         self.cache = KVCache(spec.layers)
         self.transport: Transport | None = None
+        self.busy_s = 0.0  # time spent computing micro-batches (not waiting for the previous stage)
 
     def rendezvous_address(self) -> str:
         """A `tcp://host:port` this process can listen on (asked of stage 0)."""
@@ -64,11 +66,15 @@ class StageWorker:
             hidden = self.model.embed(segments, *self.markers)
         else:
             hidden = self.transport.recv(upstream)
-        layout = PackedLayout.build(segments, self.device)
-        hidden = self.model(hidden, layout, self.cache)
-        if not self.spec.is_last:
-            return self.transport.send(hidden, microbatch)
-        return [None if out is None else out.cpu() for out in self.model.heads(hidden, layout)]
+        start = time.perf_counter()
+        try:
+            layout = PackedLayout.build(segments, self.device)
+            hidden = self.model(hidden, layout, self.cache)
+            if not self.spec.is_last:
+                return self.transport.send(hidden, microbatch)
+            return [None if out is None else out.cpu() for out in self.model.heads(hidden, layout)]
+        finally:
+            self.busy_s += time.perf_counter() - start
 
     def fork(self, src: str, dst: str) -> None:
         self.cache.fork(src, dst)
@@ -80,4 +86,5 @@ class StageWorker:
         memory = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
         return {"stage": self.spec.index, "layers": [self.spec.layers.start, self.spec.layers.stop],
                 "live_contexts": len(self.cache.context_ids()), "context_ids": self.cache.context_ids(),
-                "kv_bytes": self.cache.nbytes(), "gpu_memory_bytes": memory, "pid": os.getpid()}
+                "kv_bytes": self.cache.nbytes(), "gpu_memory_bytes": memory, "pid": os.getpid(),
+                "busy_s": self.busy_s}

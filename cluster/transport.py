@@ -9,6 +9,7 @@ stage; `recv(handle)` there yields the tensor. The bytes never enter Ray's objec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -32,7 +33,8 @@ class Handle:
 class Transport:
     """One stage's end of the stage-to-stage link."""
 
-    def __init__(self, kind: str, rank: int, world_size: int, init_method: str | None, device: torch.device):
+    def __init__(self, kind: str, rank: int, world_size: int, init_method: str | None, device: torch.device,
+                 timeout_s: float = 120.0):
         if kind not in KINDS:
             raise ValueError(f"transport must be one of {KINDS}, got {kind!r}")
         self.kind, self.rank, self.device = kind, rank, device
@@ -41,7 +43,8 @@ class Transport:
         if kind in ("gloo", "nccl") and world_size > 1:
             if kind == "nccl":
                 torch.cuda.set_device(device)
-            dist.init_process_group(kind, init_method=init_method, rank=rank, world_size=world_size)
+            dist.init_process_group(kind, init_method=init_method, rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=timeout_s))
 
     def send(self, tensor: Tensor, microbatch: int) -> Handle:
         tensor = tensor.contiguous()

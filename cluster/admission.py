@@ -1,0 +1,76 @@
+"""Admission control: a bounded queue and a KV-cache budget.
+
+A request enters when fewer than `max_running + max_queued` requests are in the system
+(otherwise `Overloaded`, HTTP 429 with Retry-After) and then waits until the stages have room
+for its KV caches (`kv_budget_bytes` per stage, estimated from its inputs). A request that could
+never fit is refused with `InvalidRequest`.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from bagel_model.config import BagelConfig
+from bagel_model.errors import InvalidRequest
+from bagel_model.tokenizer import BagelTokenizer
+from PIL import Image
+
+from .api import ImageTask, TextTask
+from .errors import Overloaded
+
+
+class Admission:
+    def __init__(self, max_running: int, max_queued: int, kv_budget_bytes: int | None, retry_after_s: int):
+        self.limit = max_running + max_queued
+        self.kv_budget = kv_budget_bytes
+        self.retry_after_s = retry_after_s
+        self.in_system = 0
+        self.kv_reserved = 0
+        self._changed = asyncio.Condition()
+
+    async def enter(self, kv_bytes: int) -> None:
+        if self.in_system >= self.limit:
+            error = Overloaded(f"server busy: {self.in_system} requests in flight or queued; retry later")
+            error.retry_after_s = self.retry_after_s
+            raise error
+        if self.kv_budget is not None and kv_bytes > self.kv_budget:
+            raise InvalidRequest(f"the request needs ~{kv_bytes} bytes of KV cache per stage; "
+                                 f"the service has {self.kv_budget}: use fewer or smaller images or tokens")
+        self.in_system += 1
+        try:
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: self.kv_budget is None or self.kv_reserved + kv_bytes <= self.kv_budget)
+                self.kv_reserved += kv_bytes
+        except BaseException:
+            self.in_system -= 1
+            raise
+
+    async def leave(self, kv_bytes: int) -> None:
+        self.in_system -= 1
+        self.kv_reserved -= kv_bytes
+        async with self._changed:
+            self._changed.notify_all()
+
+
+def kv_bytes_estimate(task: ImageTask | TextTask, config: BagelConfig, tokenizer: BagelTokenizer,
+                      layers_per_stage: int, dtype_bytes: int, max_prompt_tokens: int) -> int:
+    """Upper estimate of the KV bytes one stage holds for this request at once."""
+    text_tokens, image_tokens = 0, 0
+    for item in task.items:
+        if isinstance(item, str):
+            text_tokens += len(tokenizer.encode(item)) + 2
+        else:
+            size = item.size if isinstance(item, Image.Image) else (config.max_image_side,) * 2
+            w, h = config.vae_transform.target_size(*size)
+            vw, vh = config.vit_transform.target_size(w, h)
+            image_tokens += (w // config.latent_downsample) * (h // config.latent_downsample) + 2
+            image_tokens += (vw // config.vit.patch_size) * (vh // config.vit.patch_size) + 2
+    if text_tokens > max_prompt_tokens:
+        raise InvalidRequest(f"the prompt has {text_tokens} tokens; at most {max_prompt_tokens} are accepted")
+    new_tokens = task.params.max_new_tokens if isinstance(task, TextTask) else (
+        task.text_params.max_new_tokens if task.think else 0)
+    context = text_tokens + image_tokens + new_tokens + 200  # + a think system prompt
+    per_token = 2 * config.llm.num_key_value_heads * config.llm.head_dim * dtype_bytes * layers_per_stage
+    # The conditional context, a fork that keeps its old tensors (cfg_text or the decode copy),
+    # and the text-only cfg_img context.
+    return per_token * (2 * context + text_tokens)
