@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from .attention import attend
 from .config import LLMConfig
 from .kv_cache import KVCache
-from .layers import RMSNorm, SwiGLU, apply_rope
+from . import layers
+from .layers import RMSNorm, SwiGLU
 from .segments import PackedLayout
 
 
@@ -41,7 +42,7 @@ class MoTAttention(nn.Module):
                 cache: KVCache, layer: int) -> Tensor:
         qkv = layout.route(h, lambda x: self._qkv(x, False), lambda x: self._qkv(x, True))
         q, k, v = _unpack(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
         out = q.new_empty(q.shape)
         for i, seg in enumerate(layout.segments):
             rows = layout.rows(i)

@@ -125,14 +125,17 @@ class PackedLayout:
         return slice(self.starts[i], self.starts[i] + self.segments[i].num_tokens)
 
     def route(self, x: Tensor, und_fn, gen_fn) -> Tensor:
-        """Apply `und_fn` to understanding rows and `gen_fn` to generation rows of x."""
+        """Apply `und_fn` to understanding rows and `gen_fn` to generation rows of x (row-wise
+        functions). The majority expert runs on all rows, so its rows are never gathered or
+        scattered; the minority's rows are then recomputed and overwritten."""
         if self.gen_rows is None:
             return und_fn(x)
         if self.und_rows is None:
             return gen_fn(x)
-        y_und = und_fn(x[self.und_rows])
-        y_gen = gen_fn(x[self.gen_rows])
-        out = y_und.new_empty((x.shape[0], *y_und.shape[1:]))
-        out[self.und_rows] = y_und
-        out[self.gen_rows] = y_gen
+        if self.gen_rows.numel() >= self.und_rows.numel():
+            out = gen_fn(x)
+            out[self.und_rows] = und_fn(x[self.und_rows])
+        else:
+            out = und_fn(x)
+            out[self.gen_rows] = gen_fn(x[self.gen_rows])
         return out

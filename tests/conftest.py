@@ -41,3 +41,12 @@ def reference(fixture_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def executor(checkpoint_dir: Path) -> LocalExecutor:
     return LocalExecutor.from_checkpoint(checkpoint_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def ray_url():
+    """The session's only Ray instance (and Serve's HTTP proxy); shut down at the end."""
+    from .service_app import local_ray
+
+    with local_ray(num_cpus=2) as url:
+        yield url

@@ -1,0 +1,69 @@
+"""Attention kernels for BAGEL's denoising shape on this GPU: TFLOP/s of SDPA variants for a
+4098-token non-causal block over a cache (28 query heads, 4 KV heads, head_dim 128, bf16).
+
+    python -m bench.attention --out bench/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def time_s(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / iters
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    hq, hkv, d, lq = 28, 4, 128, 4098
+    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "variants": {}}
+    for context in (0, 90, 9020):
+        lk = lq + context
+        q = torch.randn(1, hq, lq, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, hkv, lk, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        flops = 4 * lq * lk * d * hq
+        variants = {
+            "expand_kv+default": lambda: F.scaled_dot_product_attention(
+                q, k.repeat_interleave(7, 1), v.repeat_interleave(7, 1)),
+            "enable_gqa+default": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        }
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                              ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            for gqa in (False, True):
+                def fn(backend=backend, gqa=gqa):
+                    with sdpa_kernel(backend):
+                        if gqa:
+                            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                        return F.scaled_dot_product_attention(q, k.repeat_interleave(7, 1), v.repeat_interleave(7, 1))
+                variants[f"{name}{'+gqa' if gqa else '+expand_kv'}"] = fn
+        for name, fn in variants.items():
+            try:
+                s = time_s(fn)
+                results["variants"][f"{name}@ctx{context}"] = {"ms": s * 1e3, "tflops": flops / s / 1e12}
+            except Exception as e:  # a backend that does not support this shape
+                results["variants"][f"{name}@ctx{context}"] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attention.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

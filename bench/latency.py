@@ -1,0 +1,238 @@
+"""In-process latency benchmark on one GPU: text-to-image, editing and understanding with the
+full-size BAGEL-7B-MoT architecture and random bf16 weights made on the GPU (or a real checkpoint).
+
+    python -m bench.latency --out bench/results [--tasks t2i,edit,understand] [--repeats 3]
+
+Reports, with warm-up and repeats (median and spread): end-to-end, denoising and VAE-decode
+seconds, peak GPU memory and achieved TFLOP/s against the FLOP model (bagel_model/cost.py);
+understanding prefill seconds and decode tokens/s at batch 1 and 8. The last stdout line is the
+JSON report, also written to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bagel_model.config import BagelConfig
+from bagel_model.cost import forward_flops
+from bagel_model.demo import demo_tokenizer, random_module
+from bagel_model.layers import compile_elementwise
+from bagel_model.model import BagelStage
+from bagel_model.segments import Segment
+from bagel_model.stage import full_model
+from bagel_model.vae import AutoEncoder
+from bagel_model.vit import VisionEncoder
+from pipelines.context import Session
+from pipelines.executor import LocalExecutor
+from pipelines.noise import NoiseSource
+from pipelines.params import EDIT_DEFAULTS, ImageParams, TextParams
+from pipelines.tasks import generate_image, understand
+
+PROMPT = "A red fox sitting in a snowy forest at sunset, highly detailed, golden light."
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Timed:
+    """Wraps an executor: times the denoising loop and the VAE decode (with device syncs)."""
+
+    def __init__(self, inner: LocalExecutor):
+        self.inner = inner
+        self.config, self.tokenizer, self.device = inner.config, inner.tokenizer, inner.device
+        self.reset()
+
+    def reset(self) -> None:
+        self.first_denoise = self.last_denoise = self.decode_s = None
+        self.denoise_calls = []
+
+    def denoise(self, segments):
+        if self.first_denoise is None:
+            sync()
+            self.first_denoise = time.perf_counter()
+        out = self.inner.denoise(segments)
+        self.denoise_calls.append(len(segments))
+        sync()
+        self.last_denoise = time.perf_counter()
+        return out
+
+    def decode_latents(self, latent):
+        sync()
+        t = time.perf_counter()
+        out = self.inner.decode_latents(latent)
+        sync()
+        self.decode_s = time.perf_counter() - t
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def build(checkpoint: str | None, device: str) -> LocalExecutor:
+    if checkpoint:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        return LocalExecutor.from_checkpoint(checkpoint, device=device, dtype=dtype)
+    config = BagelConfig()
+    stage = random_module(lambda: BagelStage(config, full_model(config.llm.num_hidden_layers)), device, torch.bfloat16, 0)
+    vision = random_module(lambda: VisionEncoder(config), device, torch.bfloat16, 1)
+    vae = random_module(lambda: AutoEncoder(config.vae), device, torch.float32, 2)
+    return LocalExecutor(config, demo_tokenizer(), [stage], vision, vae)
+
+
+def image_flops(executor, params: ImageParams, contexts: dict[str, int], calls: list[int]) -> float:
+    """FLOPs of the denoising forwards that ran (branch counts per step from the run)."""
+    llm = executor.config.llm
+    down = executor.config.latent_downsample
+    tokens = (params.height or 1024) // down * ((params.width or 1024) // down) + 2
+    lengths = list(contexts.values())
+    return sum(forward_flops(llm, tokens, lengths[b]) for n in calls for b in range(n))
+
+
+def run_image(executor: Timed, items, params: ImageParams, repeats: int, warmup: int) -> dict:
+    rows = []
+    for i in range(warmup + repeats):
+        executor.reset()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t = time.perf_counter()
+        generate_image(executor, items, params, noise=NoiseSource(i))
+        sync()
+        total = time.perf_counter() - t
+        if i >= warmup:
+            rows.append({"end_to_end_s": total, "denoise_s": executor.last_denoise - executor.first_denoise,
+                         "vae_decode_s": executor.decode_s, "forwards": sum(executor.denoise_calls),
+                         "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0})
+    return {"runs": rows, **{k: _stats([r[k] for r in rows]) for k in ("end_to_end_s", "denoise_s", "vae_decode_s")},
+            "forwards": rows[0]["forwards"], "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rows),
+            "denoise_calls": executor.denoise_calls}
+
+
+def bench_t2i(executor, args) -> dict:
+    params = ImageParams(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), timestep_shift=3.0,
+                         num_timesteps=args.steps, cfg_renorm_type="global", height=args.size, width=args.size)
+    result = run_image(executor, [PROMPT], params, args.repeats, args.warmup)
+    prompt = len(executor.tokenizer.encode(PROMPT)) + 2
+    flops = image_flops(executor, params, {"cond": prompt, "cfg_text": 0}, result["denoise_calls"])
+    result.update(settings=params.__dict__, flop_model_pflop=flops / 1e15,
+                  denoise_tflops=flops / result["denoise_s"]["median"] / 1e12)
+    return result
+
+
+def bench_edit(executor, args) -> dict:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
+    params = ImageParams(**{**EDIT_DEFAULTS.__dict__, "num_timesteps": args.steps})
+    result = run_image(executor, [image, "Make the sky purple and add a yellow moon."], params, args.repeats, args.warmup)
+    cfg = executor.config
+    vae_tokens = (args.size // 16) ** 2 + 2
+    vw, vh = cfg.vit_transform.target_size(args.size, args.size)
+    vit_tokens = (vw // 14) * (vh // 14) + 2
+    prompt = len(executor.tokenizer.encode("Make the sky purple and add a yellow moon.")) + 2
+    contexts = {"cond": vae_tokens + vit_tokens + prompt, "cfg_text": vae_tokens + vit_tokens, "cfg_img": prompt}
+    tokens = (args.size // 16) ** 2 + 2
+    flops = sum(forward_flops(cfg.llm, tokens, list(contexts.values())[b])
+                for n in result["denoise_calls"] for b in range(n))
+    result.update(settings=params.__dict__, flop_model_pflop=flops / 1e15,
+                  denoise_tflops=flops / result["denoise_s"]["median"] / 1e12)
+    return result
+
+
+def bench_understand(executor, args) -> dict:
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
+    prefill = []
+    for i in range(args.warmup + args.repeats):
+        sync()
+        t = time.perf_counter()
+        understand(executor, [image, "What is in this picture?"], TextParams(max_new_tokens=1))
+        sync()
+        if i >= args.warmup:
+            prefill.append(time.perf_counter() - t)
+    decode = {str(b): _decode_rate(executor, b, args.decode_tokens) for b in (1, 8)}
+    return {"prefill_s": _stats(prefill), "decode_tokens_per_s": decode}
+
+
+def _decode_rate(executor, batch: int, tokens: int) -> dict:
+    """Tokens per second of greedy decoding for `batch` contexts of a 100-token prompt."""
+    tok = executor.tokenizer
+    rates = []
+    with Session(executor, "decode-bench") as session:
+        contexts = [session.new(f"c{i}") for i in range(batch)]
+        session.append_text(contexts, tok.encode("word " * 98))
+        for _ in range(2):
+            forks = [session.fork(c, "d") for c in contexts]
+            ids = [tok.bos_id] * batch
+            sync()
+            t = time.perf_counter()
+            for step in range(tokens):
+                segs = [Segment.text(f.context_id, [i], f.rope_pos + step, want_logits=True) for f, i in zip(forks, ids)]
+                logits = executor.decode(segs)
+                ids = [int(l.argmax()) for l in logits]
+            sync()
+            rates.append(batch * tokens / (time.perf_counter() - t))
+            for f in forks:
+                session.release(f)
+    return {"tokens_per_s": rates[-1], "per_sequence_tokens_per_s": rates[-1] / batch}
+
+
+def _stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _commit() -> str:
+    if os.environ.get("BAGEL_COMMIT"):
+        return os.environ["BAGEL_COMMIT"]
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=None, help="real checkpoint folder (default: random full-size weights)")
+    p.add_argument("--tasks", default="t2i,edit,understand")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--name", default="latency")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--compile", action="store_true", help="fused torch.compile'd elementwise kernels")
+    args = p.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if args.compile:
+        compile_elementwise()
+    t = time.perf_counter()
+    executor = Timed(build(args.checkpoint, args.device))
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
+    report = {"benchmark": "latency", "device": device_name, "torch": torch.__version__,
+              "python": platform.python_version(), "commit": _commit(),
+              "weights": args.checkpoint or "random bf16 (full-size BAGEL-7B-MoT architecture)",
+              "build_s": time.perf_counter() - t, "settings": vars(args), "results": {}}
+    benches = {"t2i": bench_t2i, "edit": bench_edit, "understand": bench_understand}
+    for task in args.tasks.split(","):
+        report["results"][task] = benches[task](executor, args)
+        print(task, json.dumps({k: v for k, v in report["results"][task].items() if k != "runs"}), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

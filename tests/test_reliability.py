@@ -1,0 +1,305 @@
+"""The service under load, faults and bad input (CPU, the parity fixture's model, 2 stages).
+
+One app with small limits: 2 requests at once, 2 queued, an 8 s deadline, an API key and a
+KV-cache budget that admits about two requests at a time.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench import loadtest
+
+from .service_app import data_url, png_bytes, running_app, sse_events
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CAPACITY = 4  # max_concurrent_requests + max_queued_requests
+
+
+@pytest.fixture(scope="module")
+def app(ray_url, checkpoint_dir):
+    args = {"checkpoint_dir": str(checkpoint_dir), "num_stages": 2, "device": "cpu", "dtype": "float32",
+            "max_concurrent_requests": 2, "max_queued_requests": 2, "request_timeout_s": 8,
+            "api_key": KEY, "kv_cache_bytes": 250_000, "retry_after_s": 1,
+            "limits": {"max_num_timesteps": 2000, "max_image_pixels": 4_000_000}}
+    with running_app(ray_url, args), httpx.Client(base_url=ray_url, timeout=60, headers=AUTH) as client:
+        yield client
+
+
+def health(client) -> dict:
+    return client.get("/health").json()
+
+
+def wait_idle(client, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = client.get("/health")
+        doc = r.json()
+        if r.status_code == 200 and doc["requests_in_system"] == 0 and all(
+                s["live_contexts"] == 0 and s["kv_bytes"] == 0 for s in doc["stages"]):
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the service did not become idle: {doc}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(autouse=True)
+def idle_after(app):
+    yield
+    wait_idle(app, timeout_s=30)
+
+
+def t2i(steps: int = 4, **extra) -> dict:
+    return {"prompt": "a red fox", "size": "64x64", "num_timesteps": steps, "seed": 1, **extra}
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_api_key_is_required(app):
+    r = httpx.post(str(app.base_url.join("/v1/images/generations")), json=t2i())
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    wrong = httpx.get(str(app.base_url.join("/v1/models")), headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert app.get("/v1/models").status_code == 200
+
+
+def test_overload_gets_429_never_500_or_a_hang(app):
+    statuses, headers = [], []
+
+    def send():
+        r = app.post("/v1/images/generations", json=t2i(steps=40))
+        statuses.append(r.status_code)
+        headers.append(r.headers.get("retry-after"))
+
+    threads = [threading.Thread(target=send) for _ in range(2 * CAPACITY)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    assert len(statuses) == 2 * CAPACITY
+    assert set(statuses) <= {200, 429, 503}, statuses
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 2, statuses
+    assert all(h is not None for s, h in zip(statuses, headers) if s == 429)
+    assert time.monotonic() - start < 120
+
+
+def test_kv_budget_queues_requests_instead_of_failing(app):
+    """The budget fits one such edit at a time: the second waits for room, then succeeds."""
+    png = base64.b64encode(png_bytes(Image.new("RGB", (64, 64), (200, 30, 30)))).decode()
+    body = {"prompt": "make it blue", "image": png, "num_timesteps": 60, "stream": True}
+    queue_s = []
+
+    def send():
+        with app.stream("POST", "/v1/images/edits", json=body) as r:
+            assert r.status_code == 200
+            events = [e for e in sse_events(r.iter_lines()) if isinstance(e, dict)]
+            queue_s.append(next(e["queue_s"] for e in events if e.get("type") == "started"))
+            assert events[-1]["type"] == "image"
+
+    threads = [threading.Thread(target=send) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(queue_s) == 2
+    assert max(queue_s) > 0.2, f"both edits started at once although their caches do not fit: {queue_s}"
+
+
+def test_request_larger_than_the_kv_budget_is_refused(app):
+    chat = {"max_tokens": 2, "messages": [{"role": "user", "content": "a " * 3000}]}
+    r = app.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 400 and "KV cache" in r.json()["error"]["message"], r.text
+
+
+def test_deadline_gives_504(app):
+    r = app.post("/v1/images/generations", json=t2i(steps=1000))
+    assert r.status_code == 504, r.text
+    assert "longer than" in r.json()["error"]["message"]
+
+
+def test_disconnect_mid_generation_frees_the_caches(app):
+    with app.stream("POST", "/v1/images/generations", json=t2i(steps=1000, stream=True)) as r:
+        events = sse_events(r.iter_lines())  # kept referenced: dropping it would close the stream here
+        while not (isinstance(event := next(events), dict) and event.get("type") == "progress"):
+            pass
+        assert any(s["live_contexts"] > 0 for s in health(app)["stages"]), "the request holds no cache"
+    start = time.monotonic()
+    wait_idle(app, timeout_s=5)
+    assert time.monotonic() - start < 5
+    assert 'outcome="Cancelled"' in app.get("/metrics").text
+
+
+def test_client_timeout_on_a_plain_request_stops_the_work(app):
+    with pytest.raises(httpx.ReadTimeout):
+        app.post("/v1/images/generations", json=t2i(steps=1000), timeout=1.5)
+    wait_idle(app, timeout_s=5)
+
+
+def test_killed_stage_worker_fails_the_request_cleanly_and_recovers(app):
+    pid = health(app)["stages"][1]["pid"]
+    result = {}
+
+    def send():
+        result["response"] = app.post("/v1/images/generations", json=t2i(steps=1000))
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not any(s["live_contexts"] for s in health(app)["stages"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=60)
+    r = result["response"]
+    assert r.status_code == 503 and "worker failed" in r.json()["error"]["message"], r.text
+    statuses, deadline = [], time.monotonic() + 90
+    while time.monotonic() < deadline:
+        h = app.get("/health")
+        statuses.append(h.status_code)
+        if h.status_code == 200:
+            break
+        time.sleep(0.5)
+    assert statuses[-1] == 200 and health(app)["stages"][1]["pid"] != pid
+    assert app.post("/v1/images/generations", json=t2i()).status_code == 200
+
+
+def malformed_requests(count: int, seed: int = 0) -> list[tuple[str, object]]:
+    """(path, body) pairs that are each invalid in one random way. Bodies are JSON values, or
+    bytes sent as they are."""
+    rng = random.Random(seed)
+    giant = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(giant, format="PNG")  # 9 MP > the app's 4 MP limit
+    png = png_bytes(Image.new("RGB", (32, 32), (9, 9, 9)))
+    images = [base64.b64encode(b"not an image at all").decode(), "@@@not base64@@@", base64.b64encode(png).decode()[:-7],
+              base64.b64encode(giant.getvalue()).decode(), base64.b64encode(png[:40]).decode(), ""]
+    wrong = [None, [], {}, "four", True, -1, 10**30, 1e308, "ğ\u0000\ud7ff", [1, 2, 3]]
+    gen_fields = ["prompt", "n", "size", "num_timesteps", "cfg_text_scale", "cfg_img_scale", "cfg_interval",
+                  "timestep_shift", "cfg_renorm_min", "cfg_renorm_type", "seed", "max_think_tokens"]
+
+    def gen():
+        body = t2i()
+        kind = rng.randrange(6)
+        if kind == 0:
+            body[rng.choice(gen_fields)] = rng.choice([w for w in wrong if not isinstance(w, bool) or True])
+            body["size"] = body.get("size") if isinstance(body.get("size"), str) else "65x64"
+            body["n"] = body.get("n", 99) if not isinstance(body.get("n"), int) or body.get("n", 0) > 4 else 99
+        elif kind == 1:
+            body.pop("prompt")
+        elif kind == 2:
+            body["size"] = rng.choice(["64", "64x", "x64", "0x0", "100000x64", "64x65", "-64x64", "🦊x🦊"])
+        elif kind == 3:
+            body[rng.choice(["foo", "guidance", "negative_prompt", "🦊"])] = rng.choice(wrong)
+        elif kind == 4:
+            body["prompt"] = rng.choice(["", "   ", "\n\t", "x" * 20000])
+        else:
+            body.update(rng.choice([{"cfg_renorm_type": "local"}, {"cfg_interval": [0.9, 0.1]}, {"num_timesteps": 1},
+                                    {"cfg_text_scale": 0.5}, {"n": 0}, {"seed": -5}, {"response_format": "url"}]))
+        return "/v1/images/generations", body
+
+    def edit():
+        body = {"prompt": "make it blue", "image": base64.b64encode(png).decode(), "num_timesteps": 2}
+        kind = rng.randrange(4)
+        if kind == 0:
+            body["image"] = rng.choice(images)
+        elif kind == 1:
+            body.pop(rng.choice(["prompt", "image"]))
+        elif kind == 2:
+            body["size"] = "64x64"
+        else:
+            body["image"] = rng.choice(wrong[:7])
+        return "/v1/images/edits", body
+
+    def chat():
+        msg = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+        kind = rng.randrange(6)
+        if kind == 0:
+            return "/v1/chat/completions", {"messages": []}
+        if kind == 1:
+            msg["role"] = rng.choice(["robot", "", None, 5])
+        elif kind == 2:
+            msg["content"] = [{"type": "image_url", "image_url": {"url": rng.choice(
+                ["http://example.invalid/a.png", "data:image/png;base64," + rng.choice(images), "file:///etc/passwd"])}}]
+        elif kind == 3:
+            msg["content"] = [{"type": rng.choice(["audio", "video", 7])}]
+        elif kind == 4:
+            return "/v1/chat/completions", {"messages": [msg], "max_tokens": rng.choice([0, -1, 10**9, "many"])}
+        else:
+            return "/v1/chat/completions", {"messages": [msg], "temperature": rng.choice([-1, 5, "hot"])}
+        return "/v1/chat/completions", {"messages": [msg]}
+
+    def raw():
+        path = rng.choice(["/v1/images/generations", "/v1/images/edits", "/v1/chat/completions"])
+        return path, rng.choice([b"", b"{", b"[1, 2]", b"null", b"\xff\xfe\x00", b'"just a string"', b"{" * 5000])
+
+    makers = [gen, gen, edit, chat, raw]
+    return [rng.choice(makers)() for _ in range(count)]
+
+
+def test_fuzz_malformed_requests_get_only_4xx(app):
+    bad = []
+    for path, body in malformed_requests(300):
+        if isinstance(body, bytes):
+            r = app.post(path, content=body, headers={**AUTH, "content-type": "application/json"})
+        else:
+            r = app.post(path, json=body)
+        if not 400 <= r.status_code < 500 or "error" not in r.json():
+            bad.append((path, str(body)[:120], r.status_code, r.text[:200]))
+    assert not bad, f"{len(bad)} malformed requests were not answered with a 4xx error: {bad[:5]}"
+    assert app.post("/v1/images/generations", json=t2i()).status_code == 200
+
+
+def test_soak_leaves_no_caches_and_flat_memory(app):
+    pids = [s["pid"] for s in health(app)["stages"]]
+    chat = {"max_tokens": 2, "messages": [{"role": "user", "content": "Say something."}]}
+    for _ in range(20):  # warm up allocators and caches
+        assert app.post("/v1/chat/completions", json=chat).status_code == 200
+    before = [rss_bytes(p) for p in pids]
+    statuses = []
+    for i in range(240):
+        if i % 8 == 0:
+            statuses.append(app.post("/v1/images/generations", json=t2i(steps=2, seed=i)).status_code)
+        else:
+            statuses.append(app.post("/v1/chat/completions", json=chat).status_code)
+    after = [rss_bytes(p) for p in pids]
+    assert statuses == [200] * len(statuses)
+    wait_idle(app)
+    growth = [a - b for a, b in zip(after, before)]
+    assert max(growth) < 64 * 2**20, f"stage process memory grew by {growth} bytes"
+
+
+def test_loadtest_harness_reports(app, tmp_path):
+    out = tmp_path / "report"
+    code = loadtest.main(["--url", str(app.base_url).rstrip("/"), "--concurrency", "1,2", "--requests", "4",
+                          "--duration", "60", "--steps", "2", "--max-tokens", "3", "--api-key", KEY,
+                          "--out", str(out), "--quiet"])
+    assert code == 0
+    report = json.loads((out / "loadtest.json").read_text())
+    assert [level["concurrency"] for level in report["levels"]] == [1, 2]
+    for level in report["levels"]:
+        assert level["requests"] == 4 and level["ok"] == 4, level["errors"]
+        assert level["latency_s"]["p50"] > 0 and level["requests_per_min"] > 0
+        assert all(len(b) == 2 for b in [level["stage_busy_fraction"]])
+        assert 0 < max(level["stage_busy_fraction"]) <= 1.0
+        for task, stats in level["per_task"].items():
+            assert stats["ok"] == stats["requests"] and stats["first_event_s"]["n"] == stats["ok"]
+    chart = Image.open(out / "loadtest.png")
+    assert chart.size[0] > 500 and np.asarray(chart).std() > 0
