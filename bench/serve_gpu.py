@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--suffix", default="", help="added to the report's file name")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -44,6 +45,7 @@ def main() -> None:
     fraction = args.stage_memory_gib * 2**30 / total
     folder = write_config_folder(Path(tempfile.mkdtemp()) / "bagel-7b-config", BagelConfig(), demo_tokenizer())
     share = int(80 / args.stages) / 100  # the stages share 80% of the GPU; encoder and decoder 10% each
+    fraction = None if args.stages == 1 else fraction  # one stage: the whole model, no cap
     app_args = {"checkpoint_dir": str(folder), "random_weights": True, "num_stages": args.stages,
                 "device": "cuda", "dtype": "bfloat16", "gpus_per_stage": share, "encoder_gpus": 0.1,
                 "decoder_gpus": 0.1, "stage_memory_fraction": fraction}
@@ -78,7 +80,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"serve_gpu_{args.stages}stages_{args.size}.json"
+    name = f"serve_gpu_{args.stages}stages_{args.size}{args.suffix}.json"
     (out / name).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
     serve.shutdown()

@@ -47,6 +47,8 @@ class AppArgs(BaseModel):
     kv_cache_bytes: int | None = Field(None, gt=0, description="KV-cache budget per stage; requests wait for room (null: no limit)")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1/* ($BAGEL_API_KEY)")
     limits: Limits = Field(default_factory=Limits)
+    compile: bool | None = Field(None, description="fused torch.compile'd elementwise kernels in the stages "
+                                 "(null: on when the stages use CUDA)")
     random_weights: bool = Field(False, description="benchmarks: random weights made on the devices; "
                                  "checkpoint_dir then needs only configs and tokenizer")
 

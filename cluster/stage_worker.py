@@ -15,6 +15,7 @@ import time
 import torch
 from torch import Tensor
 
+from bagel_model import layers
 from bagel_model.config import BagelConfig
 from bagel_model.kv_cache import KVCache
 from bagel_model.demo import random_module
@@ -30,11 +31,13 @@ from .transport import Handle, Transport
 
 class StageWorker:
     def __init__(self, checkpoint_dir: str, spec: StageSpec, device: str, dtype: torch.dtype,
-                 memory_fraction: float | None = None, random_weights: bool = False):
+                 memory_fraction: float | None = None, random_weights: bool = False, compile: bool | None = None):
         self.spec = spec
         self.device = resolve_device(device)
         if self.device.type == "cuda" and memory_fraction:
             torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
+        if compile or (compile is None and self.device.type == "cuda"):
+            layers.compile_elementwise()
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         tokenizer = BagelTokenizer.from_dir(checkpoint_dir)
         self.markers = (tokenizer.vision_start_id, tokenizer.vision_end_id)

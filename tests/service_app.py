@@ -24,6 +24,7 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "bagel"
+QUIET = {"log_level": "WARNING", "enable_access_log": False}  # Serve's logs: warnings and errors only
 
 
 def free_port() -> int:
@@ -47,7 +48,7 @@ def local_ray(num_cpus: int = 2) -> Iterator[str]:
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     try:
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
         yield f"http://127.0.0.1:{port}"
     finally:
         try:
@@ -65,7 +66,7 @@ def running_app(base_url: str, args: dict, timeout_s: float = 120.0) -> Iterator
 
     from cluster.app import build_app
 
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", logging_config=QUIET)
     try:
         deadline = time.monotonic() + timeout_s
         while True:  # the proxy learns the route shortly after the app is running
