@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .serve import add_serve
+from .serve import add_loadtest, add_serve
 
 EXIT_OK = 0
 EXIT_ERROR = 2  # bad request, input or checkpoint (argparse uses 2 for bad arguments too)
@@ -105,6 +105,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "edit": add_edit,
     "understand": add_understand,
     "serve": add_serve,
+    "loadtest": add_loadtest,
 }
 
 

@@ -65,3 +65,26 @@ def run_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def add_loadtest(subparsers) -> None:
+    from bench import loadtest
+
+    p = subparsers.add_parser("loadtest", help="load-test a running service (bench/loadtest.py)",
+                              description=loadtest.__doc__.splitlines()[0])
+    loadtest.add_arguments(p)
+    p.set_defaults(run=run_loadtest)
+
+
+def run_loadtest(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from bench import loadtest
+
+    report = asyncio.run(loadtest.run(args))
+    written = loadtest.write_report(report, Path(args.out))
+    levels = [{k: v for k, v in level.items() if k not in ("samples", "per_task")} for level in report["levels"]]
+    print(json.dumps(levels, indent=1))
+    print("report:", ", ".join(str(p) for p in written))
+    return 0
