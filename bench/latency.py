@@ -91,13 +91,10 @@ def build(checkpoint: str | None, device: str) -> LocalExecutor:
     return LocalExecutor(config, demo_tokenizer(), [stage], vision, vae)
 
 
-def image_flops(executor, params: ImageParams, contexts: dict[str, int], calls: list[int]) -> float:
-    """FLOPs of the denoising forwards that ran (branch counts per step from the run)."""
-    llm = executor.config.llm
-    down = executor.config.latent_downsample
-    tokens = (params.height or 1024) // down * ((params.width or 1024) // down) + 2
-    lengths = list(contexts.values())
-    return sum(forward_flops(llm, tokens, lengths[b]) for n in calls for b in range(n))
+def image_flops(executor, tokens: int, contexts: list[int], calls: list[int]) -> float:
+    """FLOPs of the denoising forwards that ran: `calls` holds the branch count of every step,
+    `contexts` the cached length of each branch's context (COND, CFG_TEXT, CFG_IMG)."""
+    return sum(forward_flops(executor.config.llm, tokens, contexts[b]) for n in calls for b in range(n))
 
 
 def run_image(executor: Timed, items, params: ImageParams, repeats: int, warmup: int) -> dict:
@@ -125,7 +122,8 @@ def bench_t2i(executor, args) -> dict:
                          num_timesteps=args.steps, cfg_renorm_type="global", height=args.size, width=args.size)
     result = run_image(executor, [PROMPT], params, args.repeats, args.warmup)
     prompt = len(executor.tokenizer.encode(PROMPT)) + 2
-    flops = image_flops(executor, params, {"cond": prompt, "cfg_text": 0}, result["denoise_calls"])
+    tokens = (args.size // executor.config.latent_downsample) ** 2 + 2
+    flops = image_flops(executor, tokens, [prompt, 0], result["denoise_calls"])
     result.update(settings=params.__dict__, flop_model_pflop=flops / 1e15,
                   denoise_tflops=flops / result["denoise_s"]["median"] / 1e12)
     return result
@@ -137,14 +135,12 @@ def bench_edit(executor, args) -> dict:
     params = ImageParams(**{**EDIT_DEFAULTS.__dict__, "num_timesteps": args.steps})
     result = run_image(executor, [image, "Make the sky purple and add a yellow moon."], params, args.repeats, args.warmup)
     cfg = executor.config
-    vae_tokens = (args.size // 16) ** 2 + 2
+    vae_tokens = (args.size // cfg.latent_downsample) ** 2 + 2
     vw, vh = cfg.vit_transform.target_size(args.size, args.size)
     vit_tokens = (vw // 14) * (vh // 14) + 2
     prompt = len(executor.tokenizer.encode("Make the sky purple and add a yellow moon.")) + 2
-    contexts = {"cond": vae_tokens + vit_tokens + prompt, "cfg_text": vae_tokens + vit_tokens, "cfg_img": prompt}
-    tokens = (args.size // 16) ** 2 + 2
-    flops = sum(forward_flops(cfg.llm, tokens, list(contexts.values())[b])
-                for n in result["denoise_calls"] for b in range(n))
+    contexts = [vae_tokens + vit_tokens + prompt, vae_tokens + vit_tokens, prompt]  # COND, CFG_TEXT, CFG_IMG
+    flops = image_flops(executor, vae_tokens, contexts, result["denoise_calls"])
     result.update(settings=params.__dict__, flop_model_pflop=flops / 1e15,
                   denoise_tflops=flops / result["denoise_s"]["median"] / 1e12)
     return result
