@@ -29,6 +29,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--suffix", default="", help="added to the report's file name")
+    p.add_argument("--requests", type=int, default=2, help="text-to-image requests (the first warms up)")
+    p.add_argument("--loadtest", default=None,
+                   help="then run bench.loadtest with these arguments (quoted), e.g. '--concurrency 1,2 --size 512'")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -62,7 +65,7 @@ def main() -> None:
             "num_timesteps": args.steps, "cfg_text_scale": 4.0, "cfg_img_scale": 1.0,
             "cfg_interval": [0.4, 1.0], "timestep_shift": 3.0, "cfg_renorm_type": "global", "seed": 0}
     runs = []
-    for _ in range(2):  # the first request also warms up kernels
+    for _ in range(args.requests):  # the first request also warms up kernels
         t = time.perf_counter()
         r = client.post("/v1/images/generations", json=body)
         runs.append(time.perf_counter() - t)
@@ -83,6 +86,11 @@ def main() -> None:
     name = f"serve_gpu_{args.stages}stages_{args.size}{args.suffix}.json"
     (out / name).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
+    if args.loadtest:
+        from bench import loadtest
+
+        loadtest.main([*args.loadtest.split(), "--url", f"http://127.0.0.1:{args.port}",
+                       "--out", str(out / f"loadtest_{args.stages}stages{args.suffix}"), "--quiet"])
     serve.shutdown()
     ray.shutdown()
 
