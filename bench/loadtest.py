@@ -3,6 +3,7 @@ bagel-serve deployment (HTTP base URL), with a configurable task mix.
 
     python -m bench.loadtest --url http://127.0.0.1:8000 --concurrency 1,2,4 --requests 12
     python -m bench.loadtest --url http://127.0.0.1:8000 --rates 0.5,1 --duration 60
+    python -m bench.loadtest --handle bagel ...        (from a process attached to the Ray cluster)
     (also: `bagel loadtest ...`)
 
 Every request streams (SSE), so the harness sees the time to the first progress event or token
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import random
@@ -91,38 +93,90 @@ class Workload:
                                          {"type": "text", "text": "Describe this picture."}]}]}
 
 
-async def send(client: httpx.AsyncClient, workload: Workload, task: str, rng: random.Random, t0: float) -> Sample:
-    path, body = workload.request(task, rng)
-    sample = Sample(task, time.perf_counter() - t0)
-    try:
-        async with client.stream("POST", path, json=body) as response:
-            sample.status = response.status_code
-            if response.status_code != 200:
-                await response.aread()
-                sample.error = f"http_{response.status_code}"
-                return sample
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if sample.first_event_s is None and event.get("type") != "started":
-                    sample.first_event_s = time.perf_counter() - t0 - sample.start_s
-                if "error" in event:
-                    sample.error = f"stream_{event.get('status', 'error')}"
-                elif event.get("type") == "started":
-                    sample.queue_s = event.get("queue_s")
-                elif event.get("type") == "image":
-                    sample.images += len(event.get("data", []))
-                elif event.get("object") == "chat.completion.chunk":
-                    sample.tokens += int(bool(event["choices"][0]["delta"].get("content")))
-    except httpx.HTTPError as e:
-        sample.error = type(e).__name__
-    finally:
+class HttpTarget:
+    """Requests over HTTP, streamed (SSE), so the first event and the queueing time are seen."""
+
+    def __init__(self, client: httpx.AsyncClient, workload: Workload):
+        self.client, self.workload = client, workload
+
+    async def health(self) -> dict:
+        return (await self.client.get("/health")).json()
+
+    async def send(self, task: str, rng: random.Random, t0: float) -> Sample:
+        path, body = self.workload.request(task, rng)
+        sample = Sample(task, time.perf_counter() - t0)
+        try:
+            async with self.client.stream("POST", path, json=body) as response:
+                sample.status = response.status_code
+                if response.status_code != 200:
+                    await response.aread()
+                    sample.error = f"http_{response.status_code}"
+                    return sample
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    _record(sample, json.loads(line[6:]), time.perf_counter() - t0)
+        except httpx.HTTPError as e:
+            sample.error = type(e).__name__
+        finally:
+            sample.end_s = time.perf_counter() - t0
+        return sample
+
+
+class HandleTarget:
+    """Requests through the application's Ray handle (from inside the Ray cluster); results
+    arrive whole, so the first event is the result."""
+
+    def __init__(self, handle, workload: Workload):
+        self.handle, self.workload = handle, workload
+
+    async def health(self) -> dict:
+        return {**await self.handle.stats.remote(), "model": "(Ray handle)"}
+
+    async def send(self, task: str, rng: random.Random, t0: float) -> Sample:
+        from cluster.api import ImageTask, TextTask
+        from pipelines.params import EDIT_DEFAULTS, ImageParams, TextParams
+
+        w, sample = self.workload, Sample(task, time.perf_counter() - t0)
+        image = base64.b64decode(w._image_b64)
+        try:
+            if task == "understand":
+                out = await self.handle.understand.remote(
+                    TextTask([image, "Describe this picture."], TextParams(max_new_tokens=w.max_tokens)))
+                sample.tokens = out.completion_tokens
+            else:
+                if task == "edit":
+                    items, base = [image, "make it night"], EDIT_DEFAULTS
+                else:
+                    items, base = [rng.choice(PROMPTS)], ImageParams(height=w.size, width=w.size)
+                params = ImageParams(**{**base.__dict__, "num_timesteps": w.steps})
+                await self.handle.generate.remote(ImageTask(items, params, task == "think",
+                                                            TextParams(max_new_tokens=w.think_tokens),
+                                                            rng.randrange(2**31)))
+                sample.images = 1
+            sample.status = 200
+        except Exception as e:  # the error kind is what the report counts
+            sample.error = type(e).__name__
         sample.end_s = time.perf_counter() - t0
-    return sample
+        sample.first_event_s = sample.end_s - sample.start_s if sample.ok else None
+        return sample
 
 
-async def closed_loop(client, workload: Workload, concurrency: int, requests: int, duration_s: float,
+def _record(sample: Sample, event: dict, now_s: float) -> None:
+    """Update a sample from one streamed event."""
+    if sample.first_event_s is None and event.get("type") != "started":
+        sample.first_event_s = now_s - sample.start_s
+    if "error" in event:
+        sample.error = f"stream_{event.get('status', 'error')}"
+    elif event.get("type") == "started":
+        sample.queue_s = event.get("queue_s")
+    elif event.get("type") == "image":
+        sample.images += len(event.get("data", []))
+    elif event.get("object") == "chat.completion.chunk":
+        sample.tokens += int(bool(event["choices"][0]["delta"].get("content")))
+
+
+async def closed_loop(target, workload: Workload, concurrency: int, requests: int, duration_s: float,
                       rng: random.Random, progress) -> tuple[list[Sample], float]:
     t0, samples, issued = time.perf_counter(), [], 0
 
@@ -130,14 +184,14 @@ async def closed_loop(client, workload: Workload, concurrency: int, requests: in
         nonlocal issued
         while issued < requests and time.perf_counter() - t0 < duration_s:
             issued += 1
-            samples.append(await send(client, workload, workload.pick(rng), rng, t0))
+            samples.append(await target.send(workload.pick(rng), rng, t0))
             progress.update(1)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return samples, time.perf_counter() - t0
 
 
-async def open_loop(client, workload: Workload, rate: float, requests: int, duration_s: float,
+async def open_loop(target, workload: Workload, rate: float, requests: int, duration_s: float,
                     rng: random.Random, progress) -> tuple[list[Sample], float]:
     t0, tasks, at = time.perf_counter(), [], 0.0
     for _ in range(requests):
@@ -145,7 +199,7 @@ async def open_loop(client, workload: Workload, rate: float, requests: int, dura
         if at > duration_s:
             break
         await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
-        task = asyncio.create_task(send(client, workload, workload.pick(rng), rng, t0))
+        task = asyncio.create_task(target.send(workload.pick(rng), rng, t0))
         task.add_done_callback(lambda _: progress.update(1))
         tasks.append(task)
     samples = list(await asyncio.gather(*tasks))
@@ -185,11 +239,10 @@ def _percentiles(values: list[float]) -> dict:
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "max": float(a.max())}
 
 
-async def stage_busy(client: httpx.AsyncClient) -> list[float] | None:
+async def stage_busy(target) -> list[float] | None:
     try:
-        stages = (await client.get("/health")).json().get("stages", [])
-        return [s.get("busy_s", 0.0) for s in stages]
-    except (httpx.HTTPError, ValueError):
+        return [s.get("busy_s", 0.0) for s in (await target.health()).get("stages", [])]
+    except Exception:  # an unreachable or degraded service: no busy figures for this level
         return None
 
 
@@ -198,30 +251,43 @@ async def run(args: argparse.Namespace) -> dict:
 
     workload = Workload(parse_mix(args.mix), args.size, args.steps, args.max_tokens, args.think_tokens)
     rng = random.Random(args.seed)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     levels = ([("concurrency", c) for c in parse_list(args.concurrency, int)] if not args.rates
               else [("rate", r) for r in parse_list(args.rates, float)])
-    report = {"benchmark": "loadtest", "url": args.url, "mode": "open" if args.rates else "closed",
+    report = {"benchmark": "loadtest", "url": args.url if not args.handle else f"handle:{args.handle}",
+              "mode": "open" if args.rates else "closed",
               "settings": {"mix": workload.mix, "size": args.size, "steps": args.steps,
                            "max_tokens": args.max_tokens, "requests_per_level": args.requests,
                            "duration_s_per_level": args.duration, "seed": args.seed}, "levels": []}
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-    async with httpx.AsyncClient(base_url=args.url, timeout=args.timeout, headers=headers, limits=limits) as client:
-        health = (await client.get("/health")).json()
+    async with _target(args, workload) as target:
+        health = await target.health()
         report["server"] = {k: health.get(k) for k in ("model", "demo", "notice")}
         report["server"]["num_stages"] = len(health.get("stages", []))
         with tqdm(total=args.requests * len(levels), desc="requests", unit="req", disable=args.quiet) as progress:
             for kind, value in levels:
-                busy0, t_busy = await stage_busy(client), time.perf_counter()
-                if kind == "concurrency":
-                    samples, elapsed = await closed_loop(client, workload, value, args.requests, args.duration, rng, progress)
-                else:
-                    samples, elapsed = await open_loop(client, workload, value, args.requests, args.duration, rng, progress)
-                busy1, dt = await stage_busy(client), time.perf_counter() - t_busy
+                busy0, t_busy = await stage_busy(target), time.perf_counter()
+                loop = closed_loop if kind == "concurrency" else open_loop
+                samples, elapsed = await loop(target, workload, value, args.requests, args.duration, rng, progress)
+                busy1, dt = await stage_busy(target), time.perf_counter() - t_busy
                 busy = [(b - a) / dt for a, b in zip(busy0, busy1)] if busy0 and busy1 else None
                 report["levels"].append({kind: value, **summarize(samples, elapsed, busy),
                                          "samples": [asdict(s) for s in samples]})
     return report
+
+
+@contextlib.asynccontextmanager
+async def _target(args: argparse.Namespace, workload: Workload):
+    if args.handle:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            ray.init(address="auto")
+        yield HandleTarget(serve.get_app_handle(args.handle), workload)
+        return
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    async with httpx.AsyncClient(base_url=args.url, timeout=args.timeout, headers=headers, limits=limits) as client:
+        yield HttpTarget(client, workload)
 
 
 def write_report(report: dict, out: Path) -> list[Path]:
@@ -266,6 +332,8 @@ def parse_list(text: str, kind):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of the service")
+    p.add_argument("--handle", default=None, metavar="APP",
+                   help="instead of HTTP: the Serve application's Ray handle (run inside the Ray cluster)")
     p.add_argument("--concurrency", default="1,2,4", help="closed loop: comma-separated concurrency levels")
     p.add_argument("--rates", default=None, help="open loop instead: comma-separated arrival rates (requests/s)")
     p.add_argument("--requests", type=int, default=12, help="requests per level (upper bound)")

@@ -303,3 +303,15 @@ def test_loadtest_harness_reports(app, tmp_path):
             assert stats["ok"] == stats["requests"] and stats["first_event_s"]["n"] == stats["ok"]
     chart = Image.open(out / "loadtest.png")
     assert chart.size[0] > 500 and np.asarray(chart).std() > 0
+
+
+def test_loadtest_harness_through_the_ray_handle(app, tmp_path):
+    out = tmp_path / "report"
+    code = loadtest.main(["--handle", "bagel", "--rates", "4", "--requests", "5", "--duration", "30",
+                          "--steps", "2", "--max-tokens", "3", "--out", str(out), "--quiet"])
+    assert code == 0
+    report = json.loads((out / "loadtest.json").read_text())
+    level = report["levels"][0]
+    assert report["mode"] == "open" and level["rate"] == 4
+    assert level["requests"] >= 1 and level["ok"] == level["requests"], level["errors"]
+    assert level["latency_s"]["p50"] > 0 and len(level["stage_busy_fraction"]) == 2
