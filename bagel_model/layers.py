@@ -20,18 +20,6 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-_ELEMENTWISE = {"rms_norm": rms_norm, "silu_mul": silu_mul}
-
-
-def compile_elementwise() -> None:
-    """Process-wide: replace the elementwise kernels (RMSNorm, SiLU*mul, RoPE) by fused
-    `torch.compile`d versions. Same math; worth it on GPUs, where they are memory-bound."""
-    global rms_norm, silu_mul, apply_rope
-    rms_norm = torch.compile(_ELEMENTWISE["rms_norm"], dynamic=True)
-    silu_mul = torch.compile(_ELEMENTWISE["silu_mul"], dynamic=True)
-    apply_rope = torch.compile(_ELEMENTWISE["apply_rope"], dynamic=True)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -70,7 +58,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-_ELEMENTWISE["apply_rope"] = apply_rope
+_ELEMENTWISE = {"rms_norm": rms_norm, "silu_mul": silu_mul, "apply_rope": apply_rope}
+
+
+def compile_elementwise() -> None:
+    """Process-wide: replace the elementwise kernels (RMSNorm, SiLU*mul, RoPE) by fused
+    `torch.compile`d versions. Same math; worth it on GPUs, where they are memory-bound."""
+    global rms_norm, silu_mul, apply_rope
+    rms_norm = torch.compile(_ELEMENTWISE["rms_norm"], dynamic=True)
+    silu_mul = torch.compile(_ELEMENTWISE["silu_mul"], dynamic=True)
+    apply_rope = torch.compile(_ELEMENTWISE["apply_rope"], dynamic=True)
 
 
 class TimestepEmbedder(nn.Module):

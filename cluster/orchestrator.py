@@ -38,7 +38,7 @@ from pipelines.tasks import generate_image, understand
 from .api import ImageOutput, ImageTask, TextOutput, TextTask
 from .args import AppArgs
 from .devices import resolve_dtype
-from .errors import Cancelled, DeadlineExceeded, Overloaded, StageFailed, Unauthorized, error_body, status_of
+from .errors import Cancelled, DeadlineExceeded, StageFailed, Unauthorized, error_body, status_of
 from .admission import Admission, kv_bytes_estimate
 from .executor import ClusterExecutor
 from .metrics import Metrics

@@ -22,7 +22,7 @@ from PIL import Image
 
 from bench import loadtest
 
-from .service_app import data_url, png_bytes, running_app, sse_events
+from .service_app import png_bytes, running_app, sse_events
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
