@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from bagel_model.segments import Segment
 from bagel_model.stage import full_model
 from bagel_model.vae import AutoEncoder
 from bagel_model.vit import VisionEncoder
+from bench.provenance import commit
 from pipelines.context import Session
 from pipelines.executor import LocalExecutor
 from pipelines.noise import NoiseSource
@@ -188,13 +187,6 @@ def _stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def _commit() -> str:
-    if os.environ.get("BAGEL_COMMIT"):
-        return os.environ["BAGEL_COMMIT"]
-    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="real checkpoint folder (default: random full-size weights)")
@@ -216,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     executor = Timed(build(args.checkpoint, args.device))
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
     report = {"benchmark": "latency", "device": device_name, "torch": torch.__version__,
-              "python": platform.python_version(), "commit": _commit(),
+              "python": platform.python_version(), "commit": commit(),
               "weights": args.checkpoint or "random bf16 (full-size BAGEL-7B-MoT architecture)",
               "build_s": time.perf_counter() - t, "settings": vars(args), "results": {}}
     benches = {"t2i": bench_t2i, "edit": bench_edit, "understand": bench_understand}

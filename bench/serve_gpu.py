@@ -12,12 +12,13 @@ import io
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench.provenance import commit
 
 
 def main() -> None:
@@ -74,7 +75,7 @@ def main() -> None:
     after = client.get("/health").json()
     report = {
         "benchmark": "serve_gpu_t2i", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-        "ray": ray.__version__, "python": platform.python_version(), "commit": _commit(),
+        "ray": ray.__version__, "python": platform.python_version(), "commit": commit(),
         "settings": {**body, **{k: v for k, v in app_args.items() if k != "checkpoint_dir"},
                      "architecture": "BAGEL-7B-MoT (random bf16 weights)", "stage_memory_gib": args.stage_memory_gib},
         "startup_s": startup_s, "request_s": runs, "image_size": list(image.size),
@@ -93,15 +94,6 @@ def main() -> None:
                        "--out", str(out / f"loadtest_{args.stages}stages{args.suffix}"), "--quiet"])
     serve.shutdown()
     ray.shutdown()
-
-
-def _commit() -> str:
-    if os.environ.get("BAGEL_COMMIT"):
-        return os.environ["BAGEL_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":
