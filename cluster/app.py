@@ -5,9 +5,10 @@ the pipeline's stage workers itself.
 """
 from __future__ import annotations
 
+import ray
 from ray.serve import Application
 
-from .args import AppArgs
+from .args import AppArgs, with_gpu_shares
 from .decoder import Decoder
 from .devices import resolve_dtype
 from .encoder import Encoder
@@ -16,6 +17,7 @@ from .orchestrator import Orchestrator
 
 def build_app(args: dict | AppArgs | None = None) -> Application:
     a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
+    a = with_gpu_shares(a, ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0)
     checkpoint = a.checkpoint_dir
     enc_device = a.device if a.device != "auto" else ("cuda" if a.encoder_gpus > 0 else "cpu")
     dec_device = a.device if a.device != "auto" else ("cuda" if a.decoder_gpus > 0 else "cpu")

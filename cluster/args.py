@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Literal
 
+import math
+
 from pydantic import BaseModel, Field, model_validator
 
 
@@ -34,9 +36,10 @@ class AppArgs(BaseModel):
     layer_sizes: list[int] | None = Field(None, description="LLM layers per stage (default: even split)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    gpus_per_stage: float = Field(0.0, ge=0, description="GPU share of each stage worker (e.g. 1, or 0.25 on one GPU)")
-    encoder_gpus: float = Field(0.0, ge=0)
-    decoder_gpus: float = Field(0.0, ge=0)
+    gpus_per_stage: float | None = Field(None, ge=0, description="GPU share of each stage worker (e.g. 1, or 0.25 "
+                                         "on one GPU); null: from the cluster's GPUs (gpu_shares)")
+    encoder_gpus: float | None = Field(None, ge=0, description="null: from the cluster's GPUs")
+    decoder_gpus: float | None = Field(None, ge=0, description="null: from the cluster's GPUs")
     stage_memory_fraction: float | None = Field(None, gt=0, le=1, description="cap of each stage process's GPU memory")
     transport: Literal["auto", "gloo", "nccl", "cuda_ipc"] = "auto"
     split_branches: bool | None = Field(None, description="CFG branches as separate micro-batches (default: when >1 stage)")
@@ -62,3 +65,24 @@ class AppArgs(BaseModel):
             if values.get(key) is None and os.environ.get(var):
                 values[key] = os.environ[var]
         return values
+
+
+def gpu_shares(num_stages: int, gpus: float) -> tuple[float, float, float]:
+    """GPU shares (per stage, encoder, decoder) that fit a cluster of `gpus` GPUs: a GPU per
+    stage when there are enough (encoder and decoder share a spare one, or squeeze in), else
+    the stages split 80% of each GPU they share and the encoder and decoder take 10% each."""
+    gpus = int(gpus)
+    if gpus < 1:
+        return 0.0, 0.0, 0.0
+    if gpus > num_stages:
+        return 1.0, 0.5, 0.5
+    if gpus == num_stages:
+        return 0.9, 0.05, 0.05
+    return math.floor(80 / math.ceil(num_stages / gpus)) / 100, 0.1, 0.1
+
+
+def with_gpu_shares(args: AppArgs, cluster_gpus: float) -> AppArgs:
+    """`args` with every unset GPU share filled in from the cluster's GPU count."""
+    stage, encoder, decoder = gpu_shares(args.num_stages, cluster_gpus)
+    chosen = {"gpus_per_stage": stage, "encoder_gpus": encoder, "decoder_gpus": decoder}
+    return args.model_copy(update={k: v for k, v in chosen.items() if getattr(args, k) is None})

@@ -259,3 +259,4 @@ def test_executor_failure_frees_contexts(executor):
     result = generate_image(executor, ["a prompt"], FAST, noise=NoiseSource(seed=0))
     assert result.image.size == (32, 32)
     assert executor.live_contexts() == []
+
