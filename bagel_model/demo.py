@@ -92,11 +92,15 @@ def random_module(build: Callable[[], nn.Module], device: torch.device | str, dt
     return init_random_weights(module, seed).eval().requires_grad_(False)
 
 
-def write_config_folder(path: str | Path, config: BagelConfig, tokenizer: BagelTokenizer) -> Path:
-    """A checkpoint folder without weights (configs and tokenizer), for `random_weights` runs."""
+def write_config_folder(path: str | Path, config: BagelConfig, tokenizer: BagelTokenizer,
+                        comment: str | None = None) -> Path:
+    """A checkpoint folder without weights (configs and tokenizer), for `random_weights` runs;
+    `comment` is recorded in parity_config.json."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     llm_cfg, vit_cfg, parity = config.to_dicts()
+    if comment:
+        parity["_comment"] = comment
     for name, doc in (("llm_config.json", llm_cfg), ("vit_config.json", vit_cfg), ("parity_config.json", parity)):
         (path / name).write_text(json.dumps(doc, indent=2) + "\n")
     tokenizer.save(path)
@@ -119,10 +123,7 @@ def write_checkpoint(path: str | Path, config: BagelConfig, tokenizer: BagelToke
     ema = {k: v.to(torch.bfloat16).contiguous() for m in (llm, vision) for k, v in m.state_dict().items()}
     save_file(ema, str(path / "ema.safetensors"))
     save_file({k: v.float().contiguous() for k, v in vae.state_dict().items()}, str(path / "ae.safetensors"))
-    write_config_folder(path, config, tokenizer)
-    parity = json.loads((path / "parity_config.json").read_text())
-    (path / "parity_config.json").write_text(json.dumps({**parity, "_comment": DEMO_LABEL}, indent=2) + "\n")
-    return path
+    return write_config_folder(path, config, tokenizer, comment=DEMO_LABEL)
 
 
 def _byte_symbols() -> list[str]:

@@ -96,7 +96,9 @@ def image_flops(executor, tokens: int, contexts: list[int], calls: list[int]) ->
     return sum(forward_flops(executor.config.llm, tokens, contexts[b]) for n in calls for b in range(n))
 
 
-def run_image(executor: Timed, items, params: ImageParams, repeats: int, warmup: int) -> dict:
+def run_image(executor: Timed, items, params: ImageParams, repeats: int, warmup: int,
+              tokens: int, contexts: list[int]) -> dict:
+    """Time `generate_image`; FLOPs from the query block's `tokens` and each branch's context length."""
     rows = []
     for i in range(warmup + repeats):
         executor.reset()
@@ -111,38 +113,36 @@ def run_image(executor: Timed, items, params: ImageParams, repeats: int, warmup:
             rows.append({"end_to_end_s": total, "denoise_s": executor.last_denoise - executor.first_denoise,
                          "vae_decode_s": executor.decode_s, "forwards": sum(executor.denoise_calls),
                          "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0})
-    return {"runs": rows, **{k: _stats([r[k] for r in rows]) for k in ("end_to_end_s", "denoise_s", "vae_decode_s")},
-            "forwards": rows[0]["forwards"], "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rows),
-            "denoise_calls": executor.denoise_calls}
+    calls = executor.denoise_calls
+    flops = image_flops(executor, tokens, contexts, calls)
+    denoise = _stats([r["denoise_s"] for r in rows])
+    return {"runs": rows, **{k: _stats([r[k] for r in rows]) for k in ("end_to_end_s", "vae_decode_s")},
+            "denoise_s": denoise, "forwards": rows[0]["forwards"],
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rows), "denoise_calls": calls,
+            "settings": params.__dict__, "flop_model_pflop": flops / 1e15,
+            "denoise_tflops": flops / denoise["median"] / 1e12}
 
 
 def bench_t2i(executor, args) -> dict:
     params = ImageParams(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), timestep_shift=3.0,
                          num_timesteps=args.steps, cfg_renorm_type="global", height=args.size, width=args.size)
-    result = run_image(executor, [PROMPT], params, args.repeats, args.warmup)
     prompt = len(executor.tokenizer.encode(PROMPT)) + 2
     tokens = (args.size // executor.config.latent_downsample) ** 2 + 2
-    flops = image_flops(executor, tokens, [prompt, 0], result["denoise_calls"])
-    result.update(settings=params.__dict__, flop_model_pflop=flops / 1e15,
-                  denoise_tflops=flops / result["denoise_s"]["median"] / 1e12)
-    return result
+    return run_image(executor, [PROMPT], params, args.repeats, args.warmup, tokens, [prompt, 0])
 
 
 def bench_edit(executor, args) -> dict:
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
     params = ImageParams(**{**EDIT_DEFAULTS.__dict__, "num_timesteps": args.steps})
-    result = run_image(executor, [image, "Make the sky purple and add a yellow moon."], params, args.repeats, args.warmup)
+    instruction = "Make the sky purple and add a yellow moon."
     cfg = executor.config
     vae_tokens = (args.size // cfg.latent_downsample) ** 2 + 2
     vw, vh = cfg.vit_transform.target_size(args.size, args.size)
-    vit_tokens = (vw // 14) * (vh // 14) + 2
-    prompt = len(executor.tokenizer.encode("Make the sky purple and add a yellow moon.")) + 2
+    vit_tokens = (vw // cfg.vit.patch_size) * (vh // cfg.vit.patch_size) + 2
+    prompt = len(executor.tokenizer.encode(instruction)) + 2
     contexts = [vae_tokens + vit_tokens + prompt, vae_tokens + vit_tokens, prompt]  # COND, CFG_TEXT, CFG_IMG
-    flops = image_flops(executor, vae_tokens, contexts, result["denoise_calls"])
-    result.update(settings=params.__dict__, flop_model_pflop=flops / 1e15,
-                  denoise_tflops=flops / result["denoise_s"]["median"] / 1e12)
-    return result
+    return run_image(executor, [image, instruction], params, args.repeats, args.warmup, vae_tokens, contexts)
 
 
 def bench_understand(executor, args) -> dict:

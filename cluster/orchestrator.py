@@ -24,7 +24,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from PIL import Image
 from ray import serve
 
 from bagel_model.config import BagelConfig
@@ -114,8 +113,9 @@ def _images_body(outputs: list[ImageOutput]) -> dict:
                       "seed": o.seed, "width": o.width, "height": o.height} for o in outputs]}
 
 
-def _as_image(data: bytes) -> Image.Image:
-    return open_image(data)
+def _decoded(items: list) -> list:
+    """A task's items with encoded image bytes opened as images."""
+    return [open_image(i) if isinstance(i, bytes) else i for i in items]
 
 
 def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
@@ -296,7 +296,7 @@ class Orchestrator:
 
     def _image_job(self, task: ImageTask, job: _Job) -> ImageOutput:
         seed = task.seed if task.seed is not None else secrets.randbelow(2**31)
-        items = [_as_image(i) if isinstance(i, bytes) else i for i in task.items]
+        items = _decoded(task.items)
         result = generate_image(
             self.executor, items, task.params, think=task.think, text_params=task.text_params,
             noise=NoiseSource(seed),
@@ -309,7 +309,7 @@ class Orchestrator:
         return ImageOutput(buf.getvalue(), result.image.width, result.image.height, seed, thought)
 
     def _text_job(self, task: TextTask, job: _Job) -> TextOutput:
-        items = [_as_image(i) if isinstance(i, bytes) else i for i in task.items]
+        items = _decoded(task.items)
         result = understand(self.executor, items, task.params, think=task.think, seed=task.seed,
                             on_text=lambda delta: job.emit({"type": "text", "delta": delta}))
         finish = "length" if len(result.token_ids) >= task.params.max_new_tokens else "stop"
