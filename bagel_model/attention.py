@@ -28,3 +28,23 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal
         attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1],
     )
     return out.squeeze(0).transpose(0, 1)
+
+
+def attend_slots(q: Tensor, k: Tensor, v: Tensor, k_slots: Tensor, v_slots: Tensor,
+                 write_index: Tensor, mask: Tensor) -> Tensor:
+    """One new token per row against preallocated K/V slots (row i uses slot i).
+
+    q: [B, Hq, d]; k, v: [B, Hkv, d] are written at column `write_index` [B] of
+    `k_slots`/`v_slots` [B, Hkv, capacity + 1, d]; the query then attends to the first
+    `mask.shape[1]` columns where `mask` [B, window] is True. Fixed shapes throughout, so the step
+    can be captured as a CUDA graph.
+    """
+    b, hq, d = q.shape
+    hkv, window = k_slots.shape[1], mask.shape[1]
+    rows = torch.arange(b, device=q.device)
+    k_slots[rows, :, write_index] = k
+    v_slots[rows, :, write_index] = v
+    scores = torch.matmul(q.view(b, hkv, hq // hkv, d), k_slots[:, :, :window].transpose(-1, -2)) * d ** -0.5
+    scores = scores.float().masked_fill(~mask[:, None, None, :], float("-inf"))
+    out = torch.matmul(scores.softmax(-1).to(v.dtype), v_slots[:, :, :window])
+    return out.reshape(b, hq, d)

@@ -30,17 +30,49 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+class FusedLinear:
+    """Several `nn.Linear`s reading the same input, run as one GEMM over their concatenated
+    outputs. On first use their parameters become views into one concatenated tensor (no extra
+    memory, names unchanged); if the parameters are replaced later (a new load, a move to another
+    device), the concatenation is made again."""
+
+    def __init__(self, *linears: nn.Linear):
+        self.linears = linears
+        self.weight: Tensor | None = None
+        self.bias: Tensor | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        first = self.linears[0].weight
+        if self.weight is None or first.data_ptr() != self.weight.data_ptr() or first.device != self.weight.device:
+            self._fuse()
+        return F.linear(x, self.weight, self.bias)
+
+    @torch.no_grad()
+    def _fuse(self) -> None:
+        self.weight = torch.cat([m.weight for m in self.linears])
+        has_bias = self.linears[0].bias is not None
+        self.bias = torch.cat([m.bias for m in self.linears]) if has_bias else None
+        start = 0
+        for m in self.linears:
+            n = m.weight.shape[0]
+            m.weight = nn.Parameter(self.weight[start:start + n], requires_grad=False)
+            if has_bias:
+                m.bias = nn.Parameter(self.bias[start:start + n], requires_grad=False)
+            start += n
+
+
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), no biases."""
+    """down(silu(gate(x)) * up(x)), no biases; gate and up run as one GEMM."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_up = FusedLinear(self.gate_proj, self.up_proj)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(silu_mul(*self.gate_up(x).chunk(2, dim=-1)))
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

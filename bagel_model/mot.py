@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .attention import attend
+from .attention import attend, attend_slots
 from .config import LLMConfig
 from .kv_cache import KVCache
 from . import layers
-from .layers import RMSNorm, SwiGLU
+from .layers import FusedLinear, RMSNorm, SwiGLU
 from .segments import PackedLayout
 
 
@@ -29,14 +29,16 @@ class MoTAttention(nn.Module):
             setattr(self, f"o_proj{suffix}", nn.Linear(cfg.num_attention_heads * hd, d, bias=False))
             setattr(self, f"q_norm{suffix}", RMSNorm(hd, cfg.rms_norm_eps))
             setattr(self, f"k_norm{suffix}", RMSNorm(hd, cfg.rms_norm_eps))
+        self.qkv = {s: FusedLinear(*(getattr(self, f"{n}_proj{s}") for n in "qkv")) for s in ("", "_moe_gen")}
 
     def _qkv(self, h: Tensor, gen: bool) -> Tensor:
+        """[T, (Hq + 2 Hkv) * d]: q, k (both qk-normed) and v of one expert, one GEMM."""
         s = "_moe_gen" if gen else ""
-        q = getattr(self, f"q_proj{s}")(h).unflatten(-1, (self.num_heads, self.head_dim))
-        k = getattr(self, f"k_proj{s}")(h).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = getattr(self, f"v_proj{s}")(h).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        q, k = getattr(self, f"q_norm{s}")(q), getattr(self, f"k_norm{s}")(k)
-        return torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+        qkv = self.qkv[s](h)
+        q, k, _ = _unpack(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
+        q.copy_(getattr(self, f"q_norm{s}")(q))
+        k.copy_(getattr(self, f"k_norm{s}")(k))
+        return qkv
 
     def forward(self, h: Tensor, layout: PackedLayout, cos: Tensor, sin: Tensor,
                 cache: KVCache, layer: int) -> Tensor:
@@ -80,3 +82,14 @@ class MoTDecoderLayer(nn.Module):
             lambda y: self.mlp(self.post_attention_layernorm(y)),
             lambda y: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(y)),
         )
+
+    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, k_slots: Tensor, v_slots: Tensor,
+               write_index: Tensor, mask: Tensor) -> Tensor:
+        """One text token per row (understanding expert) against static K/V slots; see
+        `attention.attend_slots` and `decode_step.py`."""
+        attn = self.self_attn
+        q, k, v = _unpack(attn._qkv(self.input_layernorm(x), gen=False), attn.num_heads, attn.num_kv_heads, attn.head_dim)
+        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        out = attend_slots(q, k, v, k_slots, v_slots, write_index, mask)
+        x = x + attn.o_proj(out.flatten(1))
+        return x + self.mlp(self.post_attention_layernorm(x))

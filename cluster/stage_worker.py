@@ -1,9 +1,10 @@
 """`StageWorker`: one pipeline stage in its own process (a Ray actor).
 
-It owns a `BagelStage` (its range of LLM layers, loaded straight from the checkpoint) and the
-KV caches of those layers for every live context. `run` takes one micro-batch: the first stage
-embeds the segments, the others receive hidden states from the previous stage; the last stage
-returns per-segment outputs (logits / velocities) on the CPU, the others send hidden states on.
+It owns a `StageRunner`: a `BagelStage` (its range of LLM layers, loaded straight from the
+checkpoint) and the KV caches of those layers for every live context. `run` takes one
+micro-batch: the first stage embeds the segments, the others receive hidden states from the
+previous stage; the last stage returns per-segment outputs (logits / velocities) on the CPU, the
+others send hidden states on.
 Actor calls execute in submission order, which keeps every stage on the same micro-batch order.
 """
 from __future__ import annotations
@@ -17,11 +18,11 @@ from torch import Tensor
 
 from bagel_model import layers
 from bagel_model.config import BagelConfig
-from bagel_model.kv_cache import KVCache
 from bagel_model.demo import random_module
 from bagel_model.loader import load_stage
 from bagel_model.model import BagelStage
-from bagel_model.segments import PackedLayout, Segment
+from bagel_model.runner import StageRunner
+from bagel_model.segments import Segment
 from bagel_model.stage import StageSpec
 from bagel_model.tokenizer import BagelTokenizer
 
@@ -40,12 +41,12 @@ class StageWorker:
             layers.compile_elementwise()
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         tokenizer = BagelTokenizer.from_dir(checkpoint_dir)
-        self.markers = (tokenizer.vision_start_id, tokenizer.vision_end_id)
         if random_weights:
-            self.model = random_module(lambda: BagelStage(config, spec), self.device, dtype, seed=spec.index)
+            model = random_module(lambda: BagelStage(config, spec), self.device, dtype, seed=spec.index)
         else:
-            self.model = load_stage(checkpoint_dir, config, spec, device=self.device, dtype=dtype)
-        self.cache = KVCache(spec.layers)
+            model = load_stage(checkpoint_dir, config, spec, device=self.device, dtype=dtype)
+        self.runner = StageRunner(model, (tokenizer.vision_start_id, tokenizer.vision_end_id))
+        self.cache = self.runner.cache
         self.transport: Transport | None = None
         self.busy_s = 0.0  # time spent computing micro-batches (not waiting for the previous stage)
 
@@ -65,17 +66,13 @@ class StageWorker:
     def run(self, microbatch: int, segments: list[Segment], upstream: Handle | None,
             released: list[int]) -> Handle | list[Tensor | None]:
         self.transport.release(released)
-        if self.spec.is_first:
-            hidden = self.model.embed(segments, *self.markers)
-        else:
-            hidden = self.transport.recv(upstream)
+        hidden = None if self.spec.is_first else self.transport.recv(upstream)
         start = time.perf_counter()
         try:
-            layout = PackedLayout.build(segments, self.device)
-            hidden = self.model(hidden, layout, self.cache)
+            out = self.runner.run(segments, hidden)
             if not self.spec.is_last:
-                return self.transport.send(hidden, microbatch)
-            return [None if out is None else out.cpu() for out in self.model.heads(hidden, layout)]
+                return self.transport.send(out, microbatch)
+            return [None if o is None else o.cpu() for o in out]
         finally:
             self.busy_s += time.perf_counter() - start
 

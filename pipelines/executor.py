@@ -16,7 +16,8 @@ from bagel_model.config import BagelConfig
 from bagel_model.kv_cache import KVCache
 from bagel_model.loader import load_stage, load_vae, load_vision_encoder
 from bagel_model.model import BagelStage
-from bagel_model.segments import PackedLayout, Segment
+from bagel_model.runner import StageRunner
+from bagel_model.segments import Segment
 from bagel_model.stage import split_layers
 from bagel_model.tokenizer import BagelTokenizer
 from bagel_model.vae import AutoEncoder
@@ -60,11 +61,17 @@ class LocalExecutor:
     """All stages in this process, run one after another."""
 
     def __init__(self, config: BagelConfig, tokenizer: BagelTokenizer, stages: list[BagelStage],
-                 vision: VisionEncoder, vae: AutoEncoder):
+                 vision: VisionEncoder, vae: AutoEncoder, decode_slots: int = 8):
+        """`decode_slots`: contexts the fast decode path holds at once per stage (0: off)."""
         self.config, self.tokenizer = config, tokenizer
         self.stages, self.vision, self.vae = stages, vision, vae
-        self.caches = [KVCache(s.stage.layers) for s in stages]
+        markers = (tokenizer.vision_start_id, tokenizer.vision_end_id)
+        self.runners = [StageRunner(s, markers, decode_slots=decode_slots) for s in stages]
         self.device = stages[-1].device
+
+    @property
+    def caches(self) -> list[KVCache]:
+        return [r.cache for r in self.runners]
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, *, num_stages: int = 1,
@@ -78,17 +85,11 @@ class LocalExecutor:
         vae = load_vae(checkpoint_dir, config, device=device, dtype=vae_dtype)
         return cls(config, tokenizer, stages, vision, vae)
 
-    @torch.inference_mode()
     def _run(self, segments: list[Segment]) -> list[Tensor | None]:
-        tok = self.tokenizer
-        hidden = self.stages[0].embed(segments, tok.vision_start_id, tok.vision_end_id)
-        layouts: dict[torch.device, PackedLayout] = {}
-        for stage, cache in zip(self.stages, self.caches):
-            device = stage.device
-            if device not in layouts:
-                layouts[device] = PackedLayout.build(segments, device)
-            hidden = stage(hidden.to(device), layouts[device], cache)
-        return self.stages[-1].heads(hidden, layouts[self.stages[-1].device])
+        out = None
+        for runner in self.runners:
+            out = runner.run(segments, out)
+        return out
 
     def prefill(self, segments: list[Segment]) -> None:
         self._run(segments)

@@ -1,0 +1,43 @@
+"""`StageRunner`: one stage's weights with the KV caches of its layers, running micro-batches.
+
+The first stage embeds the segments, later ones take the previous stage's hidden states; the last
+returns per-segment outputs (`BagelStage.heads`), the others hidden states. Decode steps take the
+static-slot fast path of `decode_step.py` whenever their contexts fit its slots.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .decode_step import DecodeStep
+from .kv_cache import KVCache
+from .model import BagelStage
+from .segments import PackedLayout, Segment
+
+
+class StageRunner:
+    def __init__(self, stage: BagelStage, markers: tuple[int, int], *, decode_slots: int = 8,
+                 graphs: bool | None = None):
+        """`markers`: the <|vision_start|> and <|vision_end|> token ids; `decode_slots`: how many
+        contexts the decode fast path holds at once (0 turns it off); `graphs`: capture decode
+        steps as CUDA graphs (default: on CUDA devices)."""
+        self.stage, self.markers = stage, markers
+        self.cache = KVCache(stage.stage.layers, max_slots=decode_slots)
+        self.decode_step = DecodeStep(stage, self.cache, graphs) if decode_slots else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.stage.device
+
+    @torch.inference_mode()
+    def run(self, segments: list[Segment], hidden: Tensor | None = None) -> Tensor | list[Tensor | None]:
+        """Hidden states [T, hidden] for the next stage, or the last stage's per-segment outputs."""
+        if self.decode_step is not None and DecodeStep.accepts(segments):
+            out = self.decode_step(segments, hidden)
+            if out is not None:
+                return out
+        if self.stage.stage.is_first:
+            hidden = self.stage.embed(segments, *self.markers)
+        layout = PackedLayout.build(segments, self.device)
+        hidden = self.stage(hidden.to(self.device), layout, self.cache)
+        return self.stage.heads(hidden, layout) if self.stage.stage.is_last else hidden
