@@ -28,7 +28,6 @@ class DecodeStep:
         self._write = torch.zeros(n, dtype=torch.int64, device=self.device)
         self._hidden = torch.zeros(n, stage.config.llm.hidden_size, dtype=stage.dtype, device=self.device)
         self._captured: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self._pool = None
 
     @staticmethod
     def accepts(segments: list[Segment]) -> bool:
@@ -78,9 +77,8 @@ class DecodeStep:
         with torch.cuda.stream(side):
             self._compute(batch, window)
         torch.cuda.current_stream().wait_stream(side)
-        self._pool = self._pool or torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph):
             out = self._compute(batch, window)
         return graph, out
 

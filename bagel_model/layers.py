@@ -90,16 +90,24 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-_ELEMENTWISE = {"rms_norm": rms_norm, "silu_mul": silu_mul, "apply_rope": apply_rope}
+def qk_norm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
+    """Per-head RMSNorm of queries or keys [T, heads, head_dim], then RoPE."""
+    return apply_rope(rms_norm(x, weight, eps), cos, sin)
+
+
+_ELEMENTWISE = {"rms_norm": rms_norm, "silu_mul": silu_mul, "qk_norm_rope": qk_norm_rope}
 
 
 def compile_elementwise() -> None:
-    """Process-wide: replace the elementwise kernels (RMSNorm, SiLU*mul, RoPE) by fused
-    `torch.compile`d versions. Same math; worth it on GPUs, where they are memory-bound."""
-    global rms_norm, silu_mul, apply_rope
-    rms_norm = torch.compile(_ELEMENTWISE["rms_norm"], dynamic=True)
-    silu_mul = torch.compile(_ELEMENTWISE["silu_mul"], dynamic=True)
-    apply_rope = torch.compile(_ELEMENTWISE["apply_rope"], dynamic=True)
+    """Process-wide: replace the elementwise kernels (RMSNorm, SiLU*mul, qk-norm + RoPE) by
+    fused `torch.compile`d versions. Same math; worth it on GPUs, where they are memory-bound.
+    Shapes start static and become dynamic only in the dimensions seen changing (the token
+    count), so inner strides stay known and loads vectorise."""
+    global rms_norm, silu_mul, qk_norm_rope
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    rms_norm = torch.compile(_ELEMENTWISE["rms_norm"])
+    silu_mul = torch.compile(_ELEMENTWISE["silu_mul"])
+    qk_norm_rope = torch.compile(_ELEMENTWISE["qk_norm_rope"])
 
 
 class TimestepEmbedder(nn.Module):

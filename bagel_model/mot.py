@@ -31,20 +31,18 @@ class MoTAttention(nn.Module):
             setattr(self, f"k_norm{suffix}", RMSNorm(hd, cfg.rms_norm_eps))
         self.qkv = {s: FusedLinear(*(getattr(self, f"{n}_proj{s}") for n in "qkv")) for s in ("", "_moe_gen")}
 
-    def _qkv(self, h: Tensor, gen: bool) -> Tensor:
-        """[T, (Hq + 2 Hkv) * d]: q, k (both qk-normed) and v of one expert, one GEMM."""
+    def qkv_rope(self, h: Tensor, cos: Tensor, sin: Tensor, gen: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """q [T, Hq, d] and k [T, Hkv, d] (qk-normed, rotated) and v [T, Hkv, d] of one expert;
+        the three projections run as one GEMM."""
         s = "_moe_gen" if gen else ""
-        qkv = self.qkv[s](h)
-        q, k, _ = _unpack(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
-        q.copy_(getattr(self, f"q_norm{s}")(q))
-        k.copy_(getattr(self, f"k_norm{s}")(k))
-        return qkv
+        q, k, v = _unpack(self.qkv[s](h), self.num_heads, self.num_kv_heads, self.head_dim)
+        q_norm, k_norm = getattr(self, f"q_norm{s}"), getattr(self, f"k_norm{s}")
+        return (layers.qk_norm_rope(q, q_norm.weight, q_norm.eps, cos, sin),
+                layers.qk_norm_rope(k, k_norm.weight, k_norm.eps, cos, sin), v)
 
     def forward(self, h: Tensor, layout: PackedLayout, cos: Tensor, sin: Tensor,
                 cache: KVCache, layer: int) -> Tensor:
-        qkv = layout.route(h, lambda x: self._qkv(x, False), lambda x: self._qkv(x, True))
-        q, k, v = _unpack(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
-        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        q, k, v = layout.route(h, lambda *a: self.qkv_rope(*a, gen=False), lambda *a: self.qkv_rope(*a, gen=True), cos, sin)
         out = q.new_empty(q.shape)
         for i, seg in enumerate(layout.segments):
             rows = layout.rows(i)
@@ -88,8 +86,7 @@ class MoTDecoderLayer(nn.Module):
         """One text token per row (understanding expert) against static K/V slots; see
         `attention.attend_slots` and `decode_step.py`."""
         attn = self.self_attn
-        q, k, v = _unpack(attn._qkv(self.input_layernorm(x), gen=False), attn.num_heads, attn.num_kv_heads, attn.head_dim)
-        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+        q, k, v = attn.qkv_rope(self.input_layernorm(x), cos, sin, gen=False)
         out = attend_slots(q, k, v, k_slots, v_slots, write_index, mask)
         x = x + attn.o_proj(out.flatten(1))
         return x + self.mlp(self.post_attention_layernorm(x))

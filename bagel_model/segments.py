@@ -124,18 +124,21 @@ class PackedLayout:
     def rows(self, i: int) -> slice:
         return slice(self.starts[i], self.starts[i] + self.segments[i].num_tokens)
 
-    def route(self, x: Tensor, und_fn, gen_fn) -> Tensor:
+    def route(self, x: Tensor, und_fn, gen_fn, *row_args: Tensor):
         """Apply `und_fn` to understanding rows and `gen_fn` to generation rows of x (row-wise
-        functions). The majority expert runs on all rows, so its rows are never gathered or
-        scattered; the minority's rows are then recomputed and overwritten."""
+        functions, called as fn(x_rows, *row_args_rows), returning a tensor or a tuple of
+        tensors with those rows). The majority expert runs on all rows, so its rows are never
+        gathered or scattered; the minority's rows are then recomputed and overwritten."""
         if self.gen_rows is None:
-            return und_fn(x)
+            return und_fn(x, *row_args)
         if self.und_rows is None:
-            return gen_fn(x)
+            return gen_fn(x, *row_args)
         if self.gen_rows.numel() >= self.und_rows.numel():
-            out = gen_fn(x)
-            out[self.und_rows] = und_fn(x[self.und_rows])
+            major, minor, rows = gen_fn, und_fn, self.und_rows
         else:
-            out = und_fn(x)
-            out[self.gen_rows] = gen_fn(x[self.gen_rows])
+            major, minor, rows = und_fn, gen_fn, self.gen_rows
+        out = major(x, *row_args)
+        sub = minor(x[rows], *(a[rows] for a in row_args))
+        for o, s in zip(*((out, sub) if isinstance(out, tuple) else ((out,), (sub,)))):
+            o[rows] = s
         return out

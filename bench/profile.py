@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -109,6 +109,12 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         forward()
         torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:  # host syncs inside one forward, by source line
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        forward()
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = Counter(f"{Path(w.filename).name}:{w.lineno}: {str(w.message)[:80]}" for w in caught)
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
@@ -126,6 +132,7 @@ def main() -> None:
         "settings": {"size": args.size, "branches": 2, "prompt_tokens": PROMPT_TOKENS, "compile": args.compile},
         "forward_ms": ms, "tflops": flops / ms / 1e9, "gpu_busy_ms": busy, "gpu_idle_ms": ms - busy,
         "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "host_syncs": dict(syncs.most_common()),
         "top_kernels": [{"name": n[:120], "ms": t, "calls": c, "kind": kind_of(n)} for n, (t, c) in top],
         "kernel_floor": kernel_floor(config, 2, query, PROMPT_TOKENS),
     }
