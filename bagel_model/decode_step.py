@@ -14,7 +14,7 @@ from torch import Tensor
 from .kv_cache import MIN_CAPACITY, KVCache, _bucket
 from .layers import rope_cos_sin
 from .model import BagelStage
-from .segments import Segment, SegmentKind
+from .segments import Segment, SegmentKind, to_device
 
 
 class DecodeStep:
@@ -23,9 +23,10 @@ class DecodeStep:
         self.device = stage.device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         n = cache.max_slots
-        self._ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        self._positions = torch.zeros(n, dtype=torch.int64, device=self.device)
-        self._write = torch.zeros(n, dtype=torch.int64, device=self.device)
+        # Static inputs, one row each: token ids, RoPE positions, K/V write columns, and the
+        # slots of the call's segments in order (first entries).
+        self._inputs = torch.zeros(4, n, dtype=torch.int64, device=self.device)
+        self._ids, self._positions, self._write = self._inputs[0], self._inputs[1], self._inputs[2]
         self._hidden = torch.zeros(n, stage.config.llm.hidden_size, dtype=stage.dtype, device=self.device)
         self._captured: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
 
@@ -44,14 +45,18 @@ class DecodeStep:
         if slots is None:
             return None
         storage = self.cache.storage
-        rows = torch.tensor(slots, device=self.device)
-        window = min(_bucket(max(self.cache.length(c) for c in ids) + 1, MIN_CAPACITY), storage.capacity)
-        self._write.fill_(storage.capacity)
-        self._write[rows] = torch.tensor([self.cache.length(c) for c in ids], device=self.device)
-        self._positions[rows] = torch.tensor([s.rope_pos for s in segments], device=self.device)
-        if self.stage.stage.is_first:
-            self._ids[rows] = torch.cat([s.token_ids for s in segments]).to(self.device)
-        else:
+        lengths = [self.cache.length(c) for c in ids]
+        window = min(_bucket(max(lengths) + 1, MIN_CAPACITY), storage.capacity)
+        host = torch.zeros(4, self.cache.max_slots, dtype=torch.int64)
+        host[2] = storage.capacity  # rows of other slots write to the scratch column
+        index = torch.tensor(slots)
+        host[0, index] = torch.cat([s.token_ids for s in segments]) if self.stage.stage.is_first else 0
+        host[1, index] = torch.tensor([s.rope_pos for s in segments])
+        host[2, index] = torch.tensor(lengths)
+        host[3, :len(slots)] = index
+        self._inputs.copy_(to_device(host, self.device))  # one upload, no host sync
+        rows = self._inputs[3, :len(slots)]
+        if not self.stage.stage.is_first:
             self._hidden[rows] = hidden.to(self.device, self.stage.dtype)
         out = self._run(storage.slots, window)[rows]
         self.cache.advance(ids)

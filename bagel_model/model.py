@@ -15,7 +15,7 @@ from .config import BagelConfig
 from .kv_cache import KVCache
 from .layers import PositionTable, RMSNorm, TimestepEmbedder, grid_position_ids, rope_cos_sin
 from .mot import MoTDecoderLayer
-from .segments import PackedLayout, Segment, SegmentKind
+from .segments import PackedLayout, Segment, SegmentKind, to_device
 from .stage import StageSpec
 
 
@@ -60,14 +60,14 @@ class BagelStage(nn.Module):
         """Input embeddings [T, hidden] of the packed segments (first stage only)."""
         embed_tokens = self.language_model.model.embed_tokens
         device = self.device
-        markers = embed_tokens(torch.tensor([vision_start_id, vision_end_id], device=device))
+        markers = embed_tokens(to_device(torch.tensor([vision_start_id, vision_end_id]), device))
         parts = []
         for seg in segments:
             if seg.kind is SegmentKind.TEXT:
-                parts.append(embed_tokens(seg.token_ids.to(device)))
+                parts.append(embed_tokens(to_device(seg.token_ids, device)))
                 continue
             if seg.kind is SegmentKind.VIT:
-                inner = seg.embeds.to(device, self.dtype)
+                inner = to_device(seg.embeds, device).to(self.dtype)
             else:
                 inner = self.embed_latents(seg.latents, seg.grid, seg.t)
             parts += [markers[:1], inner, markers[1:]]
@@ -76,9 +76,9 @@ class BagelStage(nn.Module):
     def embed_latents(self, latents: Tensor, grid: tuple[int, int], t: float) -> Tensor:
         """vae2llm(latent tokens) + timestep embedding + 2-D latent position embedding."""
         device = self.device
-        temb = self.time_embedder(torch.tensor([t], device=device))
+        temb = self.time_embedder(to_device(torch.tensor([t]), device))
         pos = self.latent_pos_embed(grid_position_ids(*grid, self.config.max_latent_size, device))
-        return self.vae2llm(latents.to(device, self.dtype)) + temb + pos
+        return self.vae2llm(to_device(latents, device).to(self.dtype)) + temb + pos
 
     def forward(self, hidden: Tensor, layout: PackedLayout, cache: KVCache) -> Tensor:
         """Run this stage's layers over the packed hidden states; updates `cache` as the

@@ -14,6 +14,14 @@ import torch
 from torch import Tensor
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """`t` on `device`; a CPU tensor goes to a GPU through pinned memory without blocking the
+    host (a plain copy from pageable memory waits for the GPU to drain first)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class SegmentKind(str, Enum):
     TEXT = "text"
     VIT = "vit"
@@ -112,9 +120,9 @@ class PackedLayout:
         gen_rows = is_gen.nonzero().squeeze(1) if gen else None
         und_rows = (~is_gen).nonzero().squeeze(1) if not bool(is_gen.all()) else None
         return PackedLayout(
-            segments, torch.cat(positions).to(device),
-            None if gen_rows is None else gen_rows.to(device),
-            None if und_rows is None else und_rows.to(device), starts,
+            segments, to_device(torch.cat(positions), device),
+            None if gen_rows is None else to_device(gen_rows, device),
+            None if und_rows is None else to_device(und_rows, device), starts,
         )
 
     @property

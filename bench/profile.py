@@ -5,7 +5,10 @@ bf16 weights, a 1024x1024 image's latents in the two text-CFG branches (the batc
 - wall time per forward and achieved TFLOP/s against the FLOP model;
 - a torch-profiler breakdown of GPU kernel time by kind (GEMM, attention, fused elementwise,
   eager elementwise, copies) and the top kernels;
-- the kernel floor: the same GEMMs and attention calls timed alone, back to back.
+- the kernel floor: the same GEMMs and attention calls timed alone, back to back;
+- host enqueue time of a forward, and forwards run back to back without syncs;
+- one decode step (batch 1, 100-token context): milliseconds per token end to end (with the
+  argmax sync of every step) against the GPU kernel time of the step.
 
     python -m bench.profile --out bench/results [--compile]
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -80,6 +84,41 @@ def kernel_floor(config: BagelConfig, branches: int, query: int, context: int) -
     return {"gemm_ms": gemm, "attention_ms": attention, "total_ms": sum(gemm.values()) + attention}
 
 
+def kernel_times(prof) -> dict[str, list[float]]:
+    """Kernel name -> [milliseconds, calls] of a CUDA profile."""
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0 and e.device_type.name == "CUDA":
+            kernels[e.key][0] += t / 1000
+            kernels[e.key][1] += e.count
+    return kernels
+
+
+def decode_profile(runner: StageRunner, context: int = 100, tokens: int = 64) -> dict:
+    g = torch.Generator("cpu").manual_seed(1)
+    runner.run([Segment.text("dec", torch.randint(0, 150000, (context,), generator=g), 0)])
+    token = 0
+
+    def step(i: int) -> None:
+        nonlocal token
+        token = int(runner.run([Segment.text("dec", [token], context + i, want_logits=True)])[0].argmax())
+
+    for i in range(8):
+        step(i)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(8, 8 + tokens):
+        step(i)
+    per_token = (time.perf_counter() - start) * 1000 / tokens
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(8 + tokens)
+    runner.cache.free(["dec"])
+    gpu = sum(t for t, _ in kernel_times(prof).values())
+    return {"context_tokens": context, "ms_per_token": per_token, "tokens_per_s": 1000 / per_token,
+            "gpu_kernel_ms_per_token": gpu}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
@@ -106,6 +145,12 @@ def main() -> None:
         forward()
     ms = timed(forward, 10)
     flops = forward_flops(config.llm, query, PROMPT_TOKENS) + forward_flops(config.llm, query, 0)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    forward()
+    host_ms = (time.perf_counter() - start) * 1000
+    torch.cuda.synchronize()
+    pipelined_ms = timed(lambda: [forward() for _ in range(3)], 3) / 3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         forward()
         torch.cuda.synchronize()
@@ -115,12 +160,7 @@ def main() -> None:
         forward()
         torch.cuda.set_sync_debug_mode("default")
     syncs = Counter(f"{Path(w.filename).name}:{w.lineno}: {str(w.message)[:80]}" for w in caught)
-    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        if t > 0 and e.device_type.name == "CUDA":
-            kernels[e.key][0] += t / 1000
-            kernels[e.key][1] += e.count
+    kernels = kernel_times(prof)
     by_kind: dict[str, float] = defaultdict(float)
     for name, (t, _) in kernels.items():
         by_kind[kind_of(name)] += t
@@ -131,6 +171,8 @@ def main() -> None:
         "commit": commit(), "weights": "random bf16 (full-size BAGEL-7B-MoT architecture)",
         "settings": {"size": args.size, "branches": 2, "prompt_tokens": PROMPT_TOKENS, "compile": args.compile},
         "forward_ms": ms, "tflops": flops / ms / 1e9, "gpu_busy_ms": busy, "gpu_idle_ms": ms - busy,
+        "host_enqueue_ms": host_ms, "back_to_back_forward_ms": pipelined_ms,
+        "decode": decode_profile(runner),
         "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
         "host_syncs": dict(syncs.most_common()),
         "top_kernels": [{"name": n[:120], "ms": t, "calls": c, "kind": kind_of(n)} for n, (t, c) in top],

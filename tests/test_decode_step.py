@@ -24,11 +24,9 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def pair(checkpoint_dir):
     """(fast, ordinary) executors on the same weights; the fast one has 2 slots per stage."""
-    fast = LocalExecutor.from_checkpoint(checkpoint_dir, dtype=torch.float32, num_stages=2)
-    slow = LocalExecutor(fast.config, fast.tokenizer, fast.stages, fast.vision, fast.vae, decode_slots=0)
-    for runner in fast.runners:
-        runner.cache.max_slots = 2
-    return fast, slow
+    base = LocalExecutor.from_checkpoint(checkpoint_dir, dtype=torch.float32, num_stages=2)
+    parts = (base.config, base.tokenizer, base.stages, base.vision, base.vae)
+    return LocalExecutor(*parts, decode_slots=2), LocalExecutor(*parts, decode_slots=0)
 
 
 def _step(executor, contexts, tokens, step):
