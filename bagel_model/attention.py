@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import layers
+
 
 def attend(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
     """q: [n, Hq, d]; k, v: [L, Hkv, d] with Hq a multiple of Hkv. Returns [n, Hq, d]."""
@@ -31,20 +33,18 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal
 
 
 def attend_slots(q: Tensor, k: Tensor, v: Tensor, k_slots: Tensor, v_slots: Tensor,
-                 write_index: Tensor, mask: Tensor) -> Tensor:
+                 rows: Tensor, write_index: Tensor, bias: Tensor) -> Tensor:
     """One new token per row against preallocated K/V slots (row i uses slot i).
 
     q: [B, Hq, d]; k, v: [B, Hkv, d] are written at column `write_index` [B] of
-    `k_slots`/`v_slots` [B, Hkv, capacity + 1, d]; the query then attends to the first
-    `mask.shape[1]` columns where `mask` [B, window] is True. Fixed shapes throughout, so the step
-    can be captured as a CUDA graph.
+    `k_slots`/`v_slots` [B, Hkv, capacity + 1, d] (`rows` = arange(B)); the query then attends
+    to the first `bias.shape[1]` columns, `bias` [B, window] holding 0 (visible) or -inf.
+    Fixed shapes throughout, so the step can be captured as a CUDA graph.
     """
     b, hq, d = q.shape
-    hkv, window = k_slots.shape[1], mask.shape[1]
-    rows = torch.arange(b, device=q.device)
+    hkv, window = k_slots.shape[1], bias.shape[1]
     k_slots[rows, :, write_index] = k
     v_slots[rows, :, write_index] = v
-    scores = torch.matmul(q.view(b, hkv, hq // hkv, d), k_slots[:, :, :window].transpose(-1, -2)) * d ** -0.5
-    scores = scores.float().masked_fill(~mask[:, None, None, :], float("-inf"))
-    out = torch.matmul(scores.softmax(-1).to(v.dtype), v_slots[:, :, :window])
-    return out.reshape(b, hq, d)
+    scores = torch.matmul(q.view(b, hkv, hq // hkv, d), k_slots[:, :, :window].transpose(-1, -2))
+    probs = layers.masked_softmax(scores, bias[:, None, None, :], d ** -0.5)
+    return torch.matmul(probs, v_slots[:, :, :window]).reshape(b, hq, d)

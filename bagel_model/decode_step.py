@@ -47,14 +47,12 @@ class DecodeStep:
         storage = self.cache.storage
         lengths = [self.cache.length(c) for c in ids]
         window = min(_bucket(max(lengths) + 1, MIN_CAPACITY), storage.capacity)
-        host = torch.zeros(4, self.cache.max_slots, dtype=torch.int64)
-        host[2] = storage.capacity  # rows of other slots write to the scratch column
-        index = torch.tensor(slots)
-        host[0, index] = torch.cat([s.token_ids for s in segments]) if self.stage.stage.is_first else 0
-        host[1, index] = torch.tensor([s.rope_pos for s in segments])
-        host[2, index] = torch.tensor(lengths)
-        host[3, :len(slots)] = index
-        self._inputs.copy_(to_device(host, self.device))  # one upload, no host sync
+        n = self.cache.max_slots
+        host = [[0] * n, [0] * n, [storage.capacity] * n, slots + [0] * (n - len(slots))]
+        for slot, seg, length in zip(slots, segments, lengths):  # other rows write to the scratch column
+            host[0][slot] = int(seg.token_ids[0]) if self.stage.stage.is_first else 0
+            host[1][slot], host[2][slot] = seg.rope_pos, length
+        self._inputs.copy_(to_device(torch.tensor(host), self.device))  # one upload, no host sync
         rows = self._inputs[3, :len(slots)]
         if not self.stage.stage.is_first:
             self._hidden[rows] = hidden.to(self.device, self.stage.dtype)
@@ -94,7 +92,9 @@ class DecodeStep:
         x = body.embed_tokens(self._ids[:batch]) if stage.stage.is_first else self._hidden[:batch]
         write = self._write[:batch]
         cos, sin = rope_cos_sin(self._positions[:batch], llm.head_dim, llm.rope_theta, x.dtype)
-        mask = torch.arange(window, device=self.device)[None, :] <= write[:, None]
+        visible = torch.arange(window, device=self.device)[None, :] <= write[:, None]
+        bias = torch.zeros(visible.shape, device=self.device).masked_fill(~visible, float("-inf"))
+        rows = torch.arange(batch, device=self.device)
         for i, layer in body.layers.items():
-            x = layer.decode(x, cos, sin, storage.k[int(i)][:batch], storage.v[int(i)][:batch], write, mask)
+            x = layer.decode(x, cos, sin, storage.k[int(i)][:batch], storage.v[int(i)][:batch], rows, write, bias)
         return stage.language_model.lm_head(body.norm(x)) if stage.stage.is_last else x

@@ -82,11 +82,11 @@ class MoTDecoderLayer(nn.Module):
         )
 
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, k_slots: Tensor, v_slots: Tensor,
-               write_index: Tensor, mask: Tensor) -> Tensor:
+               rows: Tensor, write_index: Tensor, bias: Tensor) -> Tensor:
         """One text token per row (understanding expert) against static K/V slots; see
         `attention.attend_slots` and `decode_step.py`."""
         attn = self.self_attn
         q, k, v = attn.qkv_rope(self.input_layernorm(x), cos, sin, gen=False)
-        out = attend_slots(q, k, v, k_slots, v_slots, write_index, mask)
+        out = attend_slots(q, k, v, k_slots, v_slots, rows, write_index, bias)
         x = x + attn.o_proj(out.flatten(1))
         return x + self.mlp(self.post_attention_layernorm(x))

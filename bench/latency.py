@@ -24,6 +24,7 @@ from PIL import Image
 from bagel_model.config import BagelConfig
 from bagel_model.cost import forward_flops
 from bagel_model.demo import demo_tokenizer, random_module
+from bagel_model.fp8 import quantize_gen_mlp
 from bagel_model.layers import compile_elementwise
 from bagel_model.model import BagelStage
 from bagel_model.segments import Segment
@@ -38,6 +39,7 @@ from pipelines.params import EDIT_DEFAULTS, ImageParams, TextParams
 from pipelines.tasks import generate_image, understand
 
 PROMPT = "A red fox sitting in a snowy forest at sunset, highly detailed, golden light."
+EDIT_INSTRUCTION = "Make the sky purple and add a yellow moon."
 
 
 def sync() -> None:
@@ -94,19 +96,31 @@ def image_flops(executor, tokens: int, contexts: list[int], calls: list[int]) ->
     return sum(forward_flops(executor.config.llm, tokens, contexts[b]) for n in calls for b in range(n))
 
 
+def deviation(result, reference) -> dict:
+    """How far an approximate run's output is from the exact run with the same noise."""
+    a, b = result.latent.float().cpu(), reference.latent.float().cpu()
+    pixels = np.asarray(result.image, dtype=np.float64) - np.asarray(reference.image, dtype=np.float64)
+    mse = float((pixels ** 2).mean())
+    return {"latent_relative_l2": float((a - b).norm() / b.norm()),
+            "image_psnr_db": float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)}
+
+
 def run_image(executor: Timed, items, params: ImageParams, repeats: int, warmup: int,
-              tokens: int, contexts: list[int]) -> dict:
-    """Time `generate_image`; FLOPs from the query block's `tokens` and each branch's context length."""
-    rows = []
+              tokens: int, contexts: list[int], exact=None) -> dict:
+    """Time `generate_image`; FLOPs from the query block's `tokens` and each branch's context
+    length. `exact`: the exact model's result for noise seed 0, to measure an approximation."""
+    rows, extra = [], {}
     for i in range(warmup + repeats):
         executor.reset()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         sync()
         t = time.perf_counter()
-        generate_image(executor, items, params, noise=NoiseSource(i))
+        result = generate_image(executor, items, params, noise=NoiseSource(i))
         sync()
         total = time.perf_counter() - t
+        if i == 0 and exact is not None:
+            extra["deviation_from_exact"] = deviation(result, exact)
         if i >= warmup:
             rows.append({"end_to_end_s": total, "denoise_s": executor.last_denoise - executor.first_denoise,
                          "vae_decode_s": executor.decode_s, "forwards": sum(executor.denoise_calls),
@@ -118,32 +132,41 @@ def run_image(executor: Timed, items, params: ImageParams, repeats: int, warmup:
             "denoise_s": denoise, "forwards": rows[0]["forwards"],
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rows), "denoise_calls": calls,
             "settings": params.__dict__, "flop_model_pflop": flops / 1e15,
-            "denoise_tflops": flops / denoise["median"] / 1e12}
+            "denoise_tflops": flops / denoise["median"] / 1e12, **extra}
 
 
-def bench_t2i(executor, args) -> dict:
+def t2i_job(args) -> tuple[list, ImageParams]:
     params = ImageParams(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), timestep_shift=3.0,
                          num_timesteps=args.steps, cfg_renorm_type="global", height=args.size, width=args.size)
-    prompt = len(executor.tokenizer.encode(PROMPT)) + 2
-    tokens = (args.size // executor.config.latent_downsample) ** 2 + 2
-    return run_image(executor, [PROMPT], params, args.repeats, args.warmup, tokens, [prompt, 0])
+    return [PROMPT], params
 
 
-def bench_edit(executor, args) -> dict:
+def edit_job(args) -> tuple[list, ImageParams]:
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
     params = ImageParams(**{**EDIT_DEFAULTS.__dict__, "num_timesteps": args.steps})
-    instruction = "Make the sky purple and add a yellow moon."
+    return [image, EDIT_INSTRUCTION], params
+
+
+def bench_t2i(executor, args, exact=None) -> dict:
+    items, params = t2i_job(args)
+    prompt = len(executor.tokenizer.encode(PROMPT)) + 2
+    tokens = (args.size // executor.config.latent_downsample) ** 2 + 2
+    return run_image(executor, items, params, args.repeats, args.warmup, tokens, [prompt, 0], exact)
+
+
+def bench_edit(executor, args, exact=None) -> dict:
+    items, params = edit_job(args)
     cfg = executor.config
     vae_tokens = (args.size // cfg.latent_downsample) ** 2 + 2
     vw, vh = cfg.vit_transform.target_size(args.size, args.size)
     vit_tokens = (vw // cfg.vit.patch_size) * (vh // cfg.vit.patch_size) + 2
-    prompt = len(executor.tokenizer.encode(instruction)) + 2
+    prompt = len(executor.tokenizer.encode(EDIT_INSTRUCTION)) + 2
     contexts = [vae_tokens + vit_tokens + prompt, vae_tokens + vit_tokens, prompt]  # COND, CFG_TEXT, CFG_IMG
-    return run_image(executor, [image, instruction], params, args.repeats, args.warmup, vae_tokens, contexts)
+    return run_image(executor, items, params, args.repeats, args.warmup, vae_tokens, contexts, exact)
 
 
-def bench_understand(executor, args) -> dict:
+def bench_understand(executor, args, exact=None) -> dict:
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
     prefill = []
@@ -198,12 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="latency")
     p.add_argument("--device", default="cuda")
     p.add_argument("--compile", action="store_true", help="fused torch.compile'd elementwise kernels")
+    p.add_argument("--fp8", action="store_true", help="APPROXIMATE: FP8 GEMMs in the generation expert's MLP")
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.compile:
         compile_elementwise()
     t = time.perf_counter()
     executor = Timed(build(args.checkpoint, args.device))
+    exact = {}
+    if args.fp8:  # exact outputs first (noise seed 0), then quantise the same weights
+        jobs = {"t2i": t2i_job, "edit": edit_job}
+        for task in set(args.tasks.split(",")) & set(jobs):
+            items, params = jobs[task](args)
+            exact[task] = generate_image(executor, items, params, noise=NoiseSource(0))
+        for stage in executor.inner.stages:
+            quantize_gen_mlp(stage)
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
     report = {"benchmark": "latency", "device": device_name, "torch": torch.__version__,
               "python": platform.python_version(), "commit": commit(),
@@ -211,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
               "build_s": time.perf_counter() - t, "settings": vars(args), "results": {}}
     benches = {"t2i": bench_t2i, "edit": bench_edit, "understand": bench_understand}
     for task in args.tasks.split(","):
-        report["results"][task] = benches[task](executor, args)
+        report["results"][task] = benches[task](executor, args, exact.get(task))
         print(task, json.dumps({k: v for k, v in report["results"][task].items() if k != "runs"}), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

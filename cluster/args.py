@@ -52,6 +52,8 @@ class AppArgs(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     compile: bool | None = Field(None, description="fused torch.compile'd elementwise kernels in the stages "
                                  "(null: on when the stages use CUDA)")
+    fp8: bool = Field(False, description="APPROXIMATE: FP8 GEMMs for the generation expert's MLP (GPUs with FP8 "
+                      "tensor cores); faster denoising, outputs differ from the exact model (README, Measured)")
     random_weights: bool = Field(False, description="benchmarks: random weights made on the devices; "
                                  "checkpoint_dir then needs only configs and tokenizer")
 

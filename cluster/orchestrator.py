@@ -206,7 +206,7 @@ class Orchestrator:
         return StageGroup(self.checkpoint, self.config.llm.num_hidden_layers, a.num_stages, device=self.device,
                           dtype=self.dtype, gpus_per_stage=a.gpus_per_stage, memory_fraction=a.stage_memory_fraction,
                           transport=a.transport, layer_sizes=a.layer_sizes, random_weights=a.random_weights,
-                          compile=a.compile)
+                          compile=a.compile, fp8=a.fp8)
 
     # -- Python handle API ------------------------------------------------------------------
 
@@ -319,7 +319,8 @@ class Orchestrator:
 
     @http.get("/health")
     async def health(self) -> JSONResponse:
-        base = {"model": self.model_name, "demo": self.is_demo, "notice": DEMO_LABEL if self.is_demo else None}
+        base = {"model": self.model_name, "demo": self.is_demo, "notice": DEMO_LABEL if self.is_demo else None,
+                "approximate": ["fp8"] if self.args.fp8 else []}
         if self.restarting is not None:
             return JSONResponse({**base, "status": "degraded", "error": "stage workers restarting"}, status_code=503)
         try:

@@ -29,7 +29,7 @@ class StageGroup:
                  dtype: torch.dtype = torch.float32, gpus_per_stage: float = 0.0,
                  memory_fraction: float | None = None, transport: str = "auto",
                  layer_sizes: list[int] | None = None, random_weights: bool = False,
-                 placement_timeout_s: float = 120.0, compile: bool | None = None):
+                 placement_timeout_s: float = 120.0, compile: bool | None = None, fp8: bool = False):
         self.specs = split_layers(num_layers, num_stages, layer_sizes)
         self._pg = None
         options: dict = {"num_cpus": 0, "max_restarts": 0}
@@ -50,7 +50,7 @@ class StageGroup:
             if self._pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, spec.index)
             self.workers.append(worker_cls.options(**opts).remote(
-                checkpoint_dir, spec, device, dtype, memory_fraction, random_weights, compile))
+                checkpoint_dir, spec, device, dtype, memory_fraction, random_weights, compile, fp8))
         self.transport = self._choose_transport(transport, device)
         init_method = None
         if self.transport in ("gloo", "nccl") and num_stages > 1:

@@ -19,6 +19,7 @@ from torch import Tensor
 from bagel_model import layers
 from bagel_model.config import BagelConfig
 from bagel_model.demo import random_module
+from bagel_model.fp8 import quantize_gen_mlp
 from bagel_model.loader import load_stage
 from bagel_model.model import BagelStage
 from bagel_model.runner import StageRunner
@@ -32,7 +33,8 @@ from .transport import Handle, Transport
 
 class StageWorker:
     def __init__(self, checkpoint_dir: str, spec: StageSpec, device: str, dtype: torch.dtype,
-                 memory_fraction: float | None = None, random_weights: bool = False, compile: bool | None = None):
+                 memory_fraction: float | None = None, random_weights: bool = False, compile: bool | None = None,
+                 fp8: bool = False):
         self.spec = spec
         self.device = resolve_device(device)
         if self.device.type == "cuda" and memory_fraction:
@@ -45,6 +47,8 @@ class StageWorker:
             model = random_module(lambda: BagelStage(config, spec), self.device, dtype, seed=spec.index)
         else:
             model = load_stage(checkpoint_dir, config, spec, device=self.device, dtype=dtype)
+        if fp8:
+            quantize_gen_mlp(model)
         self.runner = StageRunner(model, (tokenizer.vision_start_id, tokenizer.vision_end_id))
         self.cache = self.runner.cache
         self.transport: Transport | None = None

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from bagel_model.config import BagelConfig
+from bagel_model.fp8 import quantize_gen_mlp
 from bagel_model.kv_cache import KVCache
 from bagel_model.loader import load_stage, load_vae, load_vision_encoder
 from bagel_model.model import BagelStage
@@ -76,11 +77,14 @@ class LocalExecutor:
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, *, num_stages: int = 1,
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                        vae_dtype: torch.dtype = torch.float32) -> LocalExecutor:
+                        vae_dtype: torch.dtype = torch.float32, fp8: bool = False) -> LocalExecutor:
+        """`fp8`: APPROXIMATE FP8 GEMMs in the generation expert's MLP (bagel_model/fp8.py)."""
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         tokenizer = BagelTokenizer.from_dir(checkpoint_dir)
         specs = split_layers(config.llm.num_hidden_layers, num_stages)
         stages = [load_stage(checkpoint_dir, config, s, device=device, dtype=dtype) for s in specs]
+        if fp8:
+            stages = [quantize_gen_mlp(s) for s in stages]
         vision = load_vision_encoder(checkpoint_dir, config, device=device, dtype=dtype)
         vae = load_vae(checkpoint_dir, config, device=device, dtype=vae_dtype)
         return cls(config, tokenizer, stages, vision, vae)
