@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .kv_cache import MIN_CAPACITY, KVCache, _bucket
+from . import layers
 from .layers import rope_cos_sin
 from .model import BagelStage
 from .segments import Segment, SegmentKind, to_device
@@ -95,6 +96,10 @@ class DecodeStep:
         visible = torch.arange(window, device=self.device)[None, :] <= write[:, None]
         bias = torch.zeros(visible.shape, device=self.device).masked_fill(~visible, float("-inf"))
         rows = torch.arange(batch, device=self.device)
+        pending = torch.zeros_like(x)
         for i, layer in body.layers.items():
-            x = layer.decode(x, cos, sin, storage.k[int(i)][:batch], storage.v[int(i)][:batch], rows, write, bias)
-        return stage.language_model.lm_head(body.norm(x)) if stage.stage.is_last else x
+            x, pending = layer.decode(x, pending, cos, sin, storage.k[int(i)][:batch], storage.v[int(i)][:batch],
+                                      rows, write, bias)
+        if not stage.stage.is_last:
+            return x + pending
+        return stage.language_model.lm_head(layers.add_rms_norm(x, pending, body.norm.weight, body.norm.eps)[1])

@@ -95,26 +95,33 @@ def qk_norm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor
     return apply_rope(rms_norm(x, weight, eps), cos, sin)
 
 
+def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual update x + delta and its RMSNorm, in one pass when compiled."""
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
 def masked_softmax(scores: Tensor, bias: Tensor, scale: float) -> Tensor:
     """softmax(scores * scale + bias) in float32, returned in the scores' dtype."""
     return (scores.float() * scale + bias).softmax(-1).to(scores.dtype)
 
 
 _ELEMENTWISE = {"rms_norm": rms_norm, "silu_mul": silu_mul, "qk_norm_rope": qk_norm_rope,
-                "masked_softmax": masked_softmax}
+                "add_rms_norm": add_rms_norm, "masked_softmax": masked_softmax}
 
 
 def compile_elementwise() -> None:
-    """Process-wide: replace the elementwise kernels (RMSNorm, SiLU*mul, qk-norm + RoPE, the
-    decode step's masked softmax) by
+    """Process-wide: replace the elementwise kernels (RMSNorm, SiLU*mul, qk-norm + RoPE, and the
+    decode step's residual-add + RMSNorm and masked softmax) by
     fused `torch.compile`d versions. Same math; worth it on GPUs, where they are memory-bound.
     Shapes start static and become dynamic only in the dimensions seen changing (the token
     count), so inner strides stay known and loads vectorise."""
-    global rms_norm, silu_mul, qk_norm_rope, masked_softmax
+    global rms_norm, silu_mul, qk_norm_rope, add_rms_norm, masked_softmax
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     rms_norm = torch.compile(_ELEMENTWISE["rms_norm"])
     silu_mul = torch.compile(_ELEMENTWISE["silu_mul"])
     qk_norm_rope = torch.compile(_ELEMENTWISE["qk_norm_rope"])
+    add_rms_norm = torch.compile(_ELEMENTWISE["add_rms_norm"])
     masked_softmax = torch.compile(_ELEMENTWISE["masked_softmax"])
 
 

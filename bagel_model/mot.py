@@ -81,12 +81,15 @@ class MoTDecoderLayer(nn.Module):
             lambda y: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(y)),
         )
 
-    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, k_slots: Tensor, v_slots: Tensor,
-               rows: Tensor, write_index: Tensor, bias: Tensor) -> Tensor:
+    def decode(self, x: Tensor, pending: Tensor, cos: Tensor, sin: Tensor, k_slots: Tensor, v_slots: Tensor,
+               rows: Tensor, write_index: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         """One text token per row (understanding expert) against static K/V slots; see
-        `attention.attend_slots` and `decode_step.py`."""
-        attn = self.self_attn
-        q, k, v = attn.qkv_rope(self.input_layernorm(x), cos, sin, gen=False)
+        `attention.attend_slots` and `decode_step.py`. Takes the residual stream and the
+        previous layer's output not yet added to it, returns the same pair: each residual add
+        is fused into the RMSNorm that follows it."""
+        attn, eps = self.self_attn, self.input_layernorm.eps
+        x, h = layers.add_rms_norm(x, pending, self.input_layernorm.weight, eps)
+        q, k, v = attn.qkv_rope(h, cos, sin, gen=False)
         out = attend_slots(q, k, v, k_slots, v_slots, rows, write_index, bias)
-        x = x + attn.o_proj(out.flatten(1))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = layers.add_rms_norm(x, attn.o_proj(out.flatten(1)), self.post_attention_layernorm.weight, eps)
+        return x, self.mlp(h)

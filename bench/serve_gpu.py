@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--suffix", default="", help="added to the report's file name")
-    p.add_argument("--requests", type=int, default=2, help="text-to-image requests (the first warms up)")
+    p.add_argument("--requests", type=int, default=3, help="text-to-image requests (the first warms up)")
     p.add_argument("--loadtest", default=None,
                    help="then run bench.loadtest with these arguments (quoted), e.g. '--concurrency 1,2 --size 512'")
     args = p.parse_args()
@@ -65,12 +65,15 @@ def main() -> None:
     body = {"prompt": "A red fox sitting in a snowy forest at sunset.", "size": f"{args.size}x{args.size}",
             "num_timesteps": args.steps, "cfg_text_scale": 4.0, "cfg_img_scale": 1.0,
             "cfg_interval": [0.4, 1.0], "timestep_shift": 3.0, "cfg_renorm_type": "global", "seed": 0}
-    runs = []
+    runs, busy = [], []
     for _ in range(args.requests):  # the first request also warms up kernels
+        before = client.get("/health").json()["stages"]
         t = time.perf_counter()
         r = client.post("/v1/images/generations", json=body)
         runs.append(time.perf_counter() - t)
         r.raise_for_status()
+        after = client.get("/health").json()["stages"]
+        busy.append(max(a["busy_s"] - b["busy_s"] for a, b in zip(after, before)))
     image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
     after = client.get("/health").json()
     report = {
@@ -79,6 +82,7 @@ def main() -> None:
         "settings": {**body, **{k: v for k, v in app_args.items() if k != "checkpoint_dir"},
                      "architecture": "BAGEL-7B-MoT (random bf16 weights)", "stage_memory_gib": args.stage_memory_gib},
         "startup_s": startup_s, "request_s": runs, "image_size": list(image.size),
+        "stage_busy_s": busy,  # per request: the busiest stage's compute time (the rest is overhead)
         "stages_after": after["stages"], "live_contexts_after": sum(s["live_contexts"] for s in after["stages"]),
         "stages_at_start": health["stages"],
     }
