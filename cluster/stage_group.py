@@ -31,6 +31,7 @@ class StageGroup:
                  layer_sizes: list[int] | None = None, random_weights: bool = False,
                  placement_timeout_s: float = 120.0, compile: bool | None = None, fp8: bool = False):
         self.specs = split_layers(num_layers, num_stages, layer_sizes)
+        self.dtype = dtype
         self._pg = None
         options: dict = {"num_cpus": 0, "max_restarts": 0}
         if gpus_per_stage > 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import time
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from PIL import Image
 
 from bagel_model.demo import demo_config, demo_tokenizer, write_checkpoint
 from bagel_model.transforms import open_image
@@ -576,3 +578,7 @@ def test_bad_request_through_handle(app):
         app.handle.generate.remote(ImageTask([PROMPT], replace(T2I, height=72), seed=1)).result(timeout_s=60)
     with pytest.raises(InvalidRequest, match="empty"):
         app.handle.understand.remote(TextTask(["  "])).result(timeout_s=60)
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 20)).save(buf, format="PNG")  # 20:1, over the configured 16:1
+    with pytest.raises(InvalidRequest, match="aspect ratio"):
+        app.handle.understand.remote(TextTask([buf.getvalue(), QUESTION])).result(timeout_s=60)
