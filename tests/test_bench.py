@@ -20,3 +20,14 @@ def test_latency_benchmark_reports(checkpoint_dir, tmp_path):
         assert r["flop_model_pflop"] > 0 and r["denoise_tflops"] > 0
     assert und["prefill_s"]["median"] > 0
     assert und["decode_tokens_per_s"]["8"]["tokens_per_s"] > 0
+
+
+def test_fp8_benchmark_measures_its_deviation(checkpoint_dir, tmp_path):
+    """--fp8 first runs the exact model, then the approximate one with the same noise, and
+    reports how far apart they are (neither equal nor far, on the fixture)."""
+    code = latency.main(["--device", "cpu", "--checkpoint", str(checkpoint_dir), "--size", "64", "--steps", "4",
+                         "--repeats", "1", "--warmup", "0", "--tasks", "t2i", "--fp8", "--out", str(tmp_path)])
+    assert code == 0
+    deviation = json.loads((tmp_path / "latency.json").read_text())["results"]["t2i"]["deviation_from_exact"]
+    assert 1e-3 < deviation["latent_relative_l2"] < 0.2
+    assert 15 < deviation["image_psnr_db"] < 80
