@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench.provenance import write_report
 
 
 def time_s(fn, iters: int = 20) -> float:
@@ -59,9 +60,7 @@ def main() -> None:
                 results["variants"][f"{name}@ctx{context}"] = {"ms": s * 1e3, "tflops": flops / s / 1e12}
             except Exception as e:  # a backend that does not support this shape
                 results["variants"][f"{name}@ctx{context}"] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attention.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_report(results, args.out, "attention.json")
     print(json.dumps(results))
 
 

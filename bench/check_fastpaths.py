@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from pathlib import Path
 
 import torch
 
@@ -24,7 +23,7 @@ from bagel_model.model import BagelStage
 from bagel_model.runner import StageRunner
 from bagel_model.segments import Segment
 from bagel_model.stage import StageSpec
-from bench.provenance import commit
+from bench.provenance import commit, write_report
 
 MARKERS = (151652, 151653)
 
@@ -81,9 +80,7 @@ def main() -> None:
                    "graph_vs_packed_bf16": deviation(graph_decode, packed_decode),
                    "argmax_agreement": (graph_decode.argmax(-1) == packed_decode.argmax(-1)).float().mean().item()},
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "check_fastpaths.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out, "check_fastpaths.json")
     print(json.dumps(report))
 
 

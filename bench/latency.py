@@ -15,7 +15,6 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from bagel_model.segments import Segment
 from bagel_model.stage import full_model
 from bagel_model.vae import AutoEncoder
 from bagel_model.vit import VisionEncoder
-from bench.provenance import commit
+from bench.provenance import commit, write_report
 from pipelines.context import Session
 from pipelines.executor import LocalExecutor
 from pipelines.noise import NoiseSource
@@ -245,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in args.tasks.split(","):
         report["results"][task] = benches[task](executor, args, exact.get(task))
         print(task, json.dumps({k: v for k, v in report["results"][task].items() if k != "runs"}), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out, f"{args.name}.json")
     print(json.dumps(report))
     return 0
 

@@ -29,6 +29,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from bench.provenance import write_report as write_json
+
 TASKS = ("t2i", "edit", "understand", "think")
 PROMPTS = ["a red fox in the snow", "a small wooden boat on a calm lake", "an old castle under the moon",
            "a bowl of ramen, studio light", "a city street in the rain at night"]
@@ -297,8 +299,7 @@ def write_report(report: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "loadtest.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, out, "loadtest.json")
     key = "concurrency" if report["mode"] == "closed" else "rate"
     x = [level[key] for level in report["levels"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

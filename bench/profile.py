@@ -34,7 +34,7 @@ from bagel_model.model import BagelStage
 from bagel_model.runner import StageRunner
 from bagel_model.segments import Segment
 from bagel_model.stage import full_model
-from bench.provenance import commit
+from bench.provenance import commit, write_report
 
 PROMPT_TOKENS = 20
 KINDS = [  # first match wins
@@ -178,9 +178,7 @@ def main() -> None:
         "top_kernels": [{"name": n[:120], "ms": t, "calls": c, "kind": kind_of(n)} for n, (t, c) in top],
         "kernel_floor": kernel_floor(config, 2, query, PROMPT_TOKENS),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out, f"{args.name}.json")
     print(json.dumps({k: v for k, v in report.items() if k != "top_kernels"}, indent=1))
     for k in report["top_kernels"]:
         print(f"{k['ms']:8.2f} ms {k['calls']:5d}  {k['kind']:<28} {k['name']}")

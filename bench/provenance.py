@@ -1,8 +1,10 @@
-"""What a benchmark report records about where it ran: the code's commit."""
+"""What a benchmark report records about where it ran (the code's commit), and where it goes."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from pathlib import Path
 
 
 def commit() -> str:
@@ -14,3 +16,11 @@ def commit() -> str:
     except OSError:
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def write_report(report: dict, out: str | Path, filename: str) -> Path:
+    """Write `report` as indented JSON to out/filename (making the folder); returns the path."""
+    path = Path(out) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path

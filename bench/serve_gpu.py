@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.provenance import commit
+from bench.provenance import commit, write_report
 
 
 def main() -> None:
@@ -87,9 +87,7 @@ def main() -> None:
         "stages_at_start": health["stages"],
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"serve_gpu_{args.stages}stages_{args.size}{args.suffix}.json"
-    (out / name).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, out, f"serve_gpu_{args.stages}stages_{args.size}{args.suffix}.json")
     print(json.dumps(report))
     if args.loadtest:
         from bench import loadtest

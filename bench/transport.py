@@ -15,6 +15,8 @@ from pathlib import Path
 import ray
 import torch
 
+from bench.provenance import write_report
+
 
 @ray.remote(num_cpus=0)
 class Peer:
@@ -88,9 +90,7 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "torch": torch.__version__,
               "kind": args.kind, "mib": args.mib, "hops": args.hops,
               "note": "each hop includes making the tensor and a Ray call round trip", **results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"transport_{args.kind}.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out, f"transport_{args.kind}.json")
     print(json.dumps(report))
     ray.shutdown()
 
