@@ -8,8 +8,6 @@ another; with one stage they are packed into one call.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 
@@ -36,9 +34,6 @@ class ClusterExecutor:
         return self.stages.run([segments])[0]
 
     def denoise(self, segments: list[Segment]) -> list[Tensor]:
-        # The first stage casts latents to its dtype on arrival: sending them cast is exact and smaller.
-        shared = {id(s.latents): s.latents.to(self.stages.dtype) for s in segments}
-        segments = [replace(s, latents=shared[id(s.latents)]) for s in segments]
         if self.split_branches and len(segments) > 1:
             return [out[0] for out in self.stages.run([[s] for s in segments])]
         return self.stages.run([segments])[0]

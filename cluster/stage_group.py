@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from dataclasses import replace
 
 import ray
 import torch
@@ -23,6 +24,13 @@ from bagel_model.stage import split_layers
 
 from .stage_worker import StageWorker
 
+
+def _latents_in(segments: list[Segment], dtype: torch.dtype) -> list[Segment]:
+    """The segments with their latents in the stages' dtype. The first stage casts them on
+    arrival anyway, so casting before sending is exact and shrinks float32 payloads; segments
+    sharing a latent tensor (the CFG branches of a step) keep sharing one."""
+    cast = {id(s.latents): s.latents.to(dtype) for s in segments if s.latents is not None}
+    return [s if s.latents is None else replace(s, latents=cast[id(s.latents)]) for s in segments]
 
 class StageGroup:
     def __init__(self, checkpoint_dir: str, num_layers: int, num_stages: int, *, device: str = "cpu",
@@ -73,6 +81,7 @@ class StageGroup:
     def submit(self, segments: list[Segment]) -> tuple[int, ray.ObjectRef]:
         """Start one micro-batch through every stage; returns its id and the last stage's result."""
         metadata = [s.metadata() for s in segments]
+        segments = _latents_in(segments, self.dtype)
         with self._lock:
             microbatch = next(self._ids)
             finished, self._finished = self._finished, []
