@@ -50,7 +50,6 @@ class StageWorker:
         if fp8:
             quantize_gen_mlp(model)
         self.runner = StageRunner(model, (tokenizer.vision_start_id, tokenizer.vision_end_id))
-        self.cache = self.runner.cache
         self.transport: Transport | None = None
         self.busy_s = 0.0  # time spent computing micro-batches (not waiting for the previous stage)
 
@@ -81,14 +80,15 @@ class StageWorker:
             self.busy_s += time.perf_counter() - start
 
     def fork(self, src: str, dst: str) -> None:
-        self.cache.fork(src, dst)
+        self.runner.cache.fork(src, dst)
 
     def free(self, context_ids: list[str]) -> None:
-        self.cache.free(context_ids)
+        self.runner.cache.free(context_ids)
 
     def stats(self) -> dict:
         memory = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
+        contexts = self.runner.cache.context_ids()
         return {"stage": self.spec.index, "layers": [self.spec.layers.start, self.spec.layers.stop],
-                "live_contexts": len(self.cache.context_ids()), "context_ids": self.cache.context_ids(),
-                "kv_bytes": self.cache.nbytes(), "gpu_memory_bytes": memory, "pid": os.getpid(),
+                "live_contexts": len(contexts), "context_ids": contexts,
+                "kv_bytes": self.runner.cache.nbytes(), "gpu_memory_bytes": memory, "pid": os.getpid(),
                 "busy_s": self.busy_s}
