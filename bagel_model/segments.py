@@ -61,9 +61,13 @@ class Segment:
         return Segment(SegmentKind.VAE, context_id, rope_pos, latents.shape[0] + 2, latents=latents, grid=grid)
 
     @staticmethod
-    def noise(context_id: str, latents: Tensor, grid: tuple[int, int], t: float, rope_pos: int) -> Segment:
-        _check_grid(latents, grid)
-        return Segment(SegmentKind.NOISE, context_id, rope_pos, latents.shape[0] + 2, latents=latents, grid=grid, t=t)
+    def noise(context_id: str, latents: Tensor | None, grid: tuple[int, int], t: float, rope_pos: int) -> Segment:
+        """`latents` None: the executor holds this image's latents from the previous step."""
+        if latents is not None:
+            _check_grid(latents, grid)
+        elif grid[0] * grid[1] <= 0:
+            raise ValueError(f"empty latent grid {grid}")
+        return Segment(SegmentKind.NOISE, context_id, rope_pos, grid[0] * grid[1] + 2, latents=latents, grid=grid, t=t)
 
     @property
     def causal(self) -> bool:

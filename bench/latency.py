@@ -59,12 +59,12 @@ class Timed:
         self.first_denoise = self.last_denoise = self.decode_s = None
         self.denoise_calls = []
 
-    def denoise(self, segments):
+    def denoise(self, segments, step):
         if self.first_denoise is None:
             sync()
             self.first_denoise = time.perf_counter()
         self.denoise_calls.append(len(segments))
-        return self.inner.denoise(segments)
+        return self.inner.denoise(segments, step)
 
     def decode_latents(self, latent):
         sync()

@@ -1,21 +1,28 @@
 """`ClusterExecutor`: the pipelines' executor seam over the Ray Serve application.
 
 LLM work goes through the `StageGroup` (hidden states stage to stage, device to device); image
-encoding and decoding go to the encoder and decoder deployments. Velocities and logits come back
-on the CPU, where the sampler keeps its latent state. With several stages the CFG branches of a
-step travel as separate micro-batches, so stage k can work on one while stage k+1 works on
-another; with one stage they are packed into one call.
+encoding and decoding go to the encoder and decoder deployments. Logits come back on the CPU.
+Denoising keeps each image's latents on the last stage, which applies every step's guidance and
+Euler update itself; a step is submitted before the previous one is awaited, so the stages never
+wait for this process between steps (progress runs one step ahead of the GPU). With several
+stages the CFG branches of a step travel as separate micro-batches, so stage k can work on one
+while stage k+1 works on another; with one stage they are packed into one call.
 """
 from __future__ import annotations
 
+import contextlib
+
+import ray
 import torch
 from torch import Tensor
 
 from bagel_model.config import BagelConfig
 from bagel_model.segments import Segment
 from bagel_model.tokenizer import BagelTokenizer
+from pipelines.sampler import EulerStep, StepOutput
 
 from .stage_group import StageGroup
+from .stage_worker import StepUpdate
 
 
 class ClusterExecutor:
@@ -26,6 +33,7 @@ class ClusterExecutor:
         self.config, self.tokenizer, self.stages = config, tokenizer, stages
         self.encoder, self.decoder = encoder, decoder
         self.split_branches = len(stages.workers) > 1 if split_branches is None else split_branches
+        self._in_flight: dict[str, list[tuple[int, ray.ObjectRef]]] = {}  # image key -> its last step
 
     def prefill(self, segments: list[Segment]) -> None:
         self.stages.run([segments])
@@ -33,19 +41,38 @@ class ClusterExecutor:
     def decode(self, segments: list[Segment]) -> list[Tensor]:
         return self.stages.run([segments])[0]
 
-    def denoise(self, segments: list[Segment]) -> list[Tensor]:
-        if self.split_branches and len(segments) > 1:
-            return [out[0] for out in self.stages.run([[s] for s in segments])]
-        return self.stages.run([segments])[0]
+    def denoise(self, segments: list[Segment], step: EulerStep) -> StepOutput:
+        """Submit the step, then wait for the previous one; the final step waits for itself and
+        returns the latents."""
+        key, x0 = segments[0].context_id, segments[0].latents
+        batches = [[s] for s in segments] if self.split_branches and len(segments) > 1 else [segments]
+        previous = self._in_flight.pop(key, None)
+        # Several stages: the first embeds what the last returned for the previous step.
+        latents = previous[-1][1] if previous and x0 is None and len(self.stages.workers) > 1 else None
+        submitted = [self.stages.submit(b, StepUpdate(key, step, x0 if i == 0 else None),
+                                        latents) for i, b in enumerate(batches)]
+        self._in_flight[key] = submitted
+        if previous:
+            self.stages.wait(previous)
+        if not step.final:
+            return StepOutput()
+        del self._in_flight[key]
+        return StepOutput(x=self.stages.wait(submitted)[-1])
 
     def fork(self, src: str, dst: str) -> None:
         self.stages.broadcast("fork", src, dst)
 
     def free(self, context_ids: list[str]) -> None:
+        for key in context_ids:
+            in_flight = self._in_flight.pop(key, None)
+            if in_flight:  # the request stopped with a step queued: let it end before its memory goes
+                with contextlib.suppress(Exception):  # the request is over; its own error was raised
+                    self.stages.wait(in_flight)
         self.stages.broadcast("free", context_ids)
 
     def live_contexts(self) -> list[str]:
-        return sorted({c for s in self.stages.broadcast("stats") for c in s["context_ids"]})
+        """Contexts with KV cache and images with latents on any stage."""
+        return sorted({c for s in self.stages.broadcast("stats") for c in s["context_ids"] + s["latent_states"]})
 
     def encode_vit(self, images: list[Tensor]) -> list[Tensor]:
         return self.encoder.encode_vit.remote(images).result()

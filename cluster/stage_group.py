@@ -22,7 +22,7 @@ from torch import Tensor
 from bagel_model.segments import Segment
 from bagel_model.stage import split_layers
 
-from .stage_worker import StageWorker
+from .stage_worker import StepUpdate, StageWorker
 
 
 def _latents_in(segments: list[Segment], dtype: torch.dtype) -> list[Segment]:
@@ -78,8 +78,11 @@ class StageGroup:
             self.device).uuid)) for w in self.workers])
         return "cuda_ipc" if len(set(gpus)) < len(gpus) else "nccl"
 
-    def submit(self, segments: list[Segment]) -> tuple[int, ray.ObjectRef]:
-        """Start one micro-batch through every stage; returns its id and the last stage's result."""
+    def submit(self, segments: list[Segment], update: StepUpdate | None = None,
+               latents: ray.ObjectRef | None = None) -> tuple[int, ray.ObjectRef]:
+        """Start one micro-batch through every stage; returns its id and the last stage's result.
+        `update` goes to the first and last stage of a denoising step's micro-batches; `latents`
+        (the last stage's result of the image's previous step) to the first stage."""
         metadata = [s.metadata() for s in segments]
         segments = _latents_in(segments, self.dtype)
         with self._lock:
@@ -87,17 +90,23 @@ class StageGroup:
             finished, self._finished = self._finished, []
             ref = None
             for worker, spec in zip(self.workers, self.specs):
-                ref = worker.run.remote(microbatch, segments if spec.is_first else metadata, ref, finished)
+                ends = spec.is_first or spec.is_last
+                ref = worker.run.remote(microbatch, segments if spec.is_first else metadata, ref, finished,
+                                        update if ends else None, latents if spec.is_first else None)
         return microbatch, ref
 
-    def run(self, batches: list[list[Segment]]) -> list[list[Tensor | None]]:
-        """Run micro-batches concurrently through the pipeline; per batch, per segment outputs."""
-        submitted = [self.submit(b) for b in batches]
+    def wait(self, submitted: list[tuple[int, ray.ObjectRef]]) -> list:
+        """The results of submitted micro-batches; they count as consumed afterwards, however the
+        wait ends (a stage may then drop what it kept for them)."""
         try:
             return ray.get([ref for _, ref in submitted])
         finally:
             with self._lock:
                 self._finished += [m for m, _ in submitted]
+
+    def run(self, batches: list[list[Segment]]) -> list[list[Tensor | None]]:
+        """Run micro-batches concurrently through the pipeline; per batch, per segment outputs."""
+        return self.wait([self.submit(b) for b in batches])
 
     def broadcast(self, method: str, *args) -> list:
         """Call a method on every stage (in micro-batch order) and wait."""

@@ -7,7 +7,7 @@ and the KV caches. `LocalExecutor` runs 1..N `BagelStage`s one after another in 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
@@ -24,11 +24,14 @@ from bagel_model.tokenizer import BagelTokenizer
 from bagel_model.vae import AutoEncoder
 from bagel_model.vit import VisionEncoder
 
+if TYPE_CHECKING:
+    from .sampler import EulerStep, StepOutput
+
 
 class Executor(Protocol):
     config: BagelConfig
     tokenizer: BagelTokenizer
-    device: torch.device  # where returned velocities/logits live; the sampler keeps its state here
+    device: torch.device  # where returned logits live
 
     def prefill(self, segments: list[Segment]) -> None:
         """Append the segments' tokens to their contexts' caches."""
@@ -36,8 +39,10 @@ class Executor(Protocol):
     def decode(self, segments: list[Segment]) -> list[Tensor]:
         """Append text segments and return each one's last-token logits [vocab]."""
 
-    def denoise(self, segments: list[Segment]) -> list[Tensor]:
-        """Velocities [h*w, patch_latent_dim] of noise segments (caches read only)."""
+    def denoise(self, segments: list[Segment], step: EulerStep) -> StepOutput:
+        """One sampler step over the noise segments of one image (caches read only): their
+        velocities, combined and applied by `step`. Segments with `latents=None` mean the
+        latents this executor kept from the image's previous step."""
 
     def fork(self, src: str, dst: str) -> None:
         """Context `dst` becomes a copy of `src` (empty if `src` has no cache)."""
@@ -101,8 +106,9 @@ class LocalExecutor:
     def decode(self, segments: list[Segment]) -> list[Tensor]:
         return self._run(segments)
 
-    def denoise(self, segments: list[Segment]) -> list[Tensor]:
-        return self._run(segments)
+    def denoise(self, segments: list[Segment], step: EulerStep) -> StepOutput:
+        x = segments[0].latents.to(self.device, torch.float32)
+        return step.apply(x, self._run(segments))
 
     def fork(self, src: str, dst: str) -> None:
         for cache in self.caches:

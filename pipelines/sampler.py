@@ -1,7 +1,10 @@
 """The Euler flow-matching sampler with classifier-free guidance (spec §5.4).
 
-One `executor.denoise` call per step carries every branch the step needs; the latent state `x`
-(float32, on the executor's device) is updated as x <- x - (t_i - t_{i+1}) * v.
+Each step is one `executor.denoise(segments, step)` call: the segments carry every branch the
+step evaluates, and `step` (an `EulerStep`, small and picklable) says how their velocities
+combine and how far to move. The executor applies it where the velocities are, so the latent
+state `x` (float32) never has to leave the device between steps: a remote executor may keep it
+and return `x = None` until the final step.
 """
 from __future__ import annotations
 
@@ -21,36 +24,64 @@ from .schedule import timesteps
 
 
 @dataclass(frozen=True)
+class EulerStep:
+    """One step's guidance and update: x <- x - dt * combine(velocities)."""
+
+    run: tuple[Branch, ...]  # the branches evaluated, in segment order (COND first)
+    same_as_cond: tuple[Branch, ...]  # branches the step needs whose velocity is COND's
+    params: ImageParams
+    dt: float
+    final: bool  # the last step: the executor returns the latents
+
+    def apply(self, x: Tensor, velocities: list[Tensor]) -> StepOutput:
+        """`x` float32 [tokens, channels] and the run branches' velocities -> the step's output."""
+        by_branch = dict(zip(self.run, velocities))
+        for branch in self.same_as_cond:
+            by_branch[branch] = by_branch[Branch.COND]
+        v = combine(by_branch, self.params)
+        return StepOutput(x - v * self.dt, v, by_branch)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What a denoise call returns. A remote executor that keeps the state on its device returns
+    `StepOutput()` for every step but the final one (whose `x` it always returns)."""
+
+    x: Tensor | None = None  # latent tokens after the step (float32)
+    v: Tensor | None = None  # guided velocity
+    velocities: dict[Branch, Tensor] | None = None  # per branch, before guidance
+
+
+@dataclass(frozen=True)
 class StepProgress:
-    """Emitted after every denoising step."""
+    """Emitted after every denoising step (tensors: None where the executor keeps them)."""
 
     step: int  # 1-based
     num_steps: int
     t: float
-    velocities: dict[Branch, Tensor]  # per branch, before guidance
-    v: Tensor  # guided velocity
-    x: Tensor  # latent tokens after the step
+    velocities: dict[Branch, Tensor] | None
+    v: Tensor | None
+    x: Tensor | None
 
 
 def sample_image(executor: Executor, contexts: dict[Branch, Context], grid: tuple[int, int],
                  params: ImageParams, x: Tensor,
                  on_step: Callable[[StepProgress], None] | None = None) -> Tensor:
-    """Denoise latent tokens `x` [h*w, patch_latent_dim] from t = 1 to 0; returns them."""
+    """Denoise latent tokens `x` [h*w, patch_latent_dim] from t = 1 to 0; returns them (float32)."""
     ts = timesteps(params.num_timesteps, params.timestep_shift)
-    dts = (ts[:-1] - ts[1:]).to(executor.device)
-    x = x.to(executor.device, torch.float32)
-    same_as_cond = contexts[Branch.CFG_IMG].history == contexts[Branch.COND].history
-    for i in range(len(ts) - 1):
+    x = x.float()
+    num_steps = len(ts) - 1
+    identical = contexts[Branch.CFG_IMG].history == contexts[Branch.COND].history
+    for i in range(num_steps):
         t = float(ts[i])
         branches = branches_for_step(t, params)
         # A branch whose context holds exactly what COND holds has COND's velocity.
-        run = [b for b in branches if not (b is Branch.CFG_IMG and same_as_cond)]
+        aliased = tuple(b for b in branches if b is Branch.CFG_IMG and identical)
+        run = tuple(b for b in branches if b not in aliased)
+        step = EulerStep(run, aliased, params, float(ts[i] - ts[i + 1]), final=i == num_steps - 1)
         segments = [Segment.noise(contexts[b].context_id, x, grid, t, contexts[b].rope_pos) for b in run]
-        velocities = dict(zip(run, executor.denoise(segments)))
-        if Branch.CFG_IMG in branches and same_as_cond:
-            velocities[Branch.CFG_IMG] = velocities[Branch.COND]
-        v = combine(velocities, params)
-        x = x - v * dts[i]
+        out = executor.denoise(segments, step)
+        x = out.x
         if on_step is not None:
-            on_step(StepProgress(i + 1, len(ts) - 1, t, velocities, v, x))
+            on_step(StepProgress(i + 1, num_steps, t, out.velocities, out.v, out.x))
     return x

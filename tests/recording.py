@@ -41,12 +41,12 @@ class RecordingExecutor:
         self.logits.append(logits[0])
         return logits
 
-    def denoise(self, segments):
+    def denoise(self, segments, step):
         if self.caches_at_denoise is None:  # every live context, keyed by its session name
             self.caches_at_denoise = {c.split("/")[-1].rstrip("0123456789"): self.cache_of(c)
                                       for c in self.inner.live_contexts()}
         self.denoise_calls.append(segments)
-        return self.inner.denoise(segments)
+        return self.inner.denoise(segments, step)
 
     def fork(self, src, dst):
         self.inner.fork(src, dst)

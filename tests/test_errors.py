@@ -249,7 +249,7 @@ def test_exception_in_think_on_text_frees_contexts(executor):
 def test_executor_failure_frees_contexts(executor):
     """An error raised by the executor itself (e.g. a failing stage) also frees everything."""
     class Failing(CountingExecutor):
-        def denoise(self, segments):
+        def denoise(self, segments, step):
             raise RuntimeError("stage 1 died")
 
     with pytest.raises(RuntimeError, match="stage 1 died"):

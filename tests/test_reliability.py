@@ -49,7 +49,8 @@ def wait_idle(client, timeout_s: float = 10.0) -> None:
         r = client.get("/health")
         doc = r.json()
         if r.status_code == 200 and doc["requests_in_system"] == 0 and all(
-                s["live_contexts"] == 0 and s["kv_bytes"] == 0 for s in doc["stages"]):
+                s["live_contexts"] == 0 and s["kv_bytes"] == 0 and not s["latent_states"]
+                for s in doc["stages"]):
             return
         if time.monotonic() > deadline:
             pytest.fail(f"the service did not become idle: {doc}")

@@ -157,9 +157,9 @@ def idle_problems(health: dict, stats: dict, app: App) -> list[str]:
         if doc["requests_in_system"] != 0:
             problems.append(f"{source}: {doc['requests_in_system']} requests in system")
         for s in doc["stages"]:
-            if s["live_contexts"] != 0 or s["kv_bytes"] != 0 or s["context_ids"]:
+            if s["live_contexts"] != 0 or s["kv_bytes"] != 0 or s["context_ids"] or s["latent_states"]:
                 problems.append(f"{source}: stage {s['stage']} holds {s['live_contexts']} contexts "
-                                f"{s['context_ids']}, {s['kv_bytes']} KV bytes")
+                                f"{s['context_ids']}, {s['kv_bytes']} KV bytes, latents of {s['latent_states']}")
     return problems
 
 
@@ -454,6 +454,10 @@ def test_abandoned_stream_frees_contexts(app):
         health = app.client.get("/health").json()
         assert health["requests_in_system"] == 4, health
         assert all(s["live_contexts"] > 0 and s["kv_bytes"] > 0 for s in health["stages"]), health
+        # The sampler's state lives on the last stage (the COND context of each image in flight).
+        *others, last = health["stages"]
+        assert last["latent_states"] and all(k.endswith("/cond0") for k in last["latent_states"]), health
+        assert not any(s["latent_states"] for s in others), health
     # Leaving the block closes the connection midway. The full run takes 8 s or more.
     wait_idle(app, timeout_s=3)
     # The app still serves, with the right results.
