@@ -4,9 +4,11 @@ The generation expert's four GEMMs at the t2i shape (two CFG branches of 4098 ro
 runs on all rows), each timed alone with: cuBLAS (PyTorch's default), cuBLASLt, and
 TorchInductor's max-autotune (which benchmarks its Triton GEMM templates against cuBLAS and
 keeps the fastest). Also: the same shapes at M = 8192 (a multiple of every tile height), and
-the down projection with its residual add fused into a Triton GEMM epilogue.
+the down projection with its residual add fused into a Triton GEMM epilogue. cuBLAS is timed
+again last: the difference between its two timings is the noise (clocks drift under load).
+Inductor prints its autotuning table (every Triton config against cuBLAS) to stderr.
 
-    python -m bench.gemm_search --out bench/results
+    python -m bench.gemm_search --out bench/results 2> bench/results/gemm_search_h100.log
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ def main() -> None:
             fused = torch.compile(lambda a, w, x: x + F.linear(a, w), mode="max-autotune-no-cudagraphs", dynamic=False)
             fused(a, w, x)
             row["max_autotune_add_epilogue"] = timed(lambda: fused(a, w, x), args.repeats)
+        row["cublas_again"] = timed(lambda: F.linear(a, w), args.repeats)  # clock drift between runs
         results[name] = {"k": k, "n": n, "ms": row,
                          "tflops": {key: tflops(int(key[8:]) if key.startswith("cublas_m") else args.rows, k, n, ms)
                                     for key, ms in row.items() if "add" not in key}}
