@@ -143,6 +143,9 @@ def _add_image_knobs(p: argparse.ArgumentParser, base) -> None:
                    help=f"renormalise the guided velocity over the whole image (global), per token (channel), or "
                         f"the text-guided part per token before image guidance (text_channel) "
                         f"(default: {base.cfg_renorm_type})")
+    g.add_argument("--cfg-refresh-interval", type=int, metavar="K",
+                   help="APPROXIMATE when K > 1, and faster: run the guidance branches every K-th guided step "
+                        "only, estimating them in between (default: 1, exact)")
     g.add_argument("--seed", type=int, help="random seed (default: a random one, printed on stderr)")
 
 
@@ -301,7 +304,7 @@ def _image_params(args: argparse.Namespace, base, **extra):
     from pipelines.params import with_overrides
 
     names = ("cfg_text_scale", "cfg_img_scale", "cfg_interval", "timestep_shift", "num_timesteps",
-             "cfg_renorm_min", "cfg_renorm_type")
+             "cfg_renorm_min", "cfg_renorm_type", "cfg_refresh_interval")
     overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     overrides.update({k: v for k, v in extra.items() if v is not None})
     return with_overrides(base, overrides)

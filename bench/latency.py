@@ -15,6 +15,7 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -136,14 +137,15 @@ def run_image(executor: Timed, items, params: ImageParams, repeats: int, warmup:
 
 def t2i_job(args) -> tuple[list, ImageParams]:
     params = ImageParams(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), timestep_shift=3.0,
-                         num_timesteps=args.steps, cfg_renorm_type="global", height=args.size, width=args.size)
+                         num_timesteps=args.steps, cfg_renorm_type="global", height=args.size, width=args.size,
+                         cfg_refresh_interval=args.cfg_refresh_interval)
     return [PROMPT], params
 
 
 def edit_job(args) -> tuple[list, ImageParams]:
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8))
-    params = ImageParams(**{**EDIT_DEFAULTS.__dict__, "num_timesteps": args.steps})
+    params = replace(EDIT_DEFAULTS, num_timesteps=args.steps, cfg_refresh_interval=args.cfg_refresh_interval)
     return [image, EDIT_INSTRUCTION], params
 
 
@@ -221,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--compile", action="store_true", help="fused torch.compile'd elementwise kernels")
     p.add_argument("--fp8", action="store_true", help="APPROXIMATE: FP8 GEMMs in the generation expert's MLP")
+    p.add_argument("--cfg-refresh-interval", type=int, default=1, metavar="K",
+                   help="APPROXIMATE when > 1: run the guidance branches every K-th guided step only")
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.compile:
@@ -228,11 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     executor = Timed(build(args.checkpoint, args.device))
     exact = {}
-    if args.fp8:  # exact outputs first (noise seed 0), then quantise the same weights
+    if args.fp8 or args.cfg_refresh_interval > 1:  # exact outputs first (noise seed 0)
         jobs = {"t2i": t2i_job, "edit": edit_job}
         for task in set(args.tasks.split(",")) & set(jobs):
             items, params = jobs[task](args)
-            exact[task] = generate_image(executor, items, params, noise=NoiseSource(0))
+            exact[task] = generate_image(executor, items, replace(params, cfg_refresh_interval=1),
+                                         noise=NoiseSource(0))
+    if args.fp8:  # then quantise the same weights
         for stage in executor.inner.stages:
             quantize_gen_mlp(stage)
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"

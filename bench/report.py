@@ -44,7 +44,7 @@ def rows() -> list[tuple[str, str, str, str, str]]:
     out.append(("Serve app, 1 stage on the GPU: text-to-image 1024² over HTTP "
                 f"(stage busy {busy:.2f} s; {100 * (request / exact - 1):.1f}% over in-process exact)",
                 f"{request:.2f} s", "", "", "within 5%"))
-    out.append(("Serve app, 3 stages (24 GiB cap each) + encoder + decoder on the GPU (first version): "
+    out.append(("Serve app, 3 stages (24 GiB cap each) + encoder + decoder sharing the GPU: "
                 "text-to-image 1024² over HTTP", f"{load('serve_gpu_3stages_1024.json')['request_s'][-1]:.2f} s", "", "", ""))
     return out
 

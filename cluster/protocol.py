@@ -30,6 +30,8 @@ class BagelImageOptions(_Strict):
     num_timesteps: int | None = Field(None, description="schedule points (model evaluations + 1)")
     cfg_renorm_min: float | None = Field(None, description="lower clamp of the renorm factor (1 = no renorm)")
     cfg_renorm_type: Literal["global", "channel", "text_channel"] | None = None
+    cfg_refresh_interval: int | None = Field(
+        None, description="APPROXIMATE when > 1 (faster): the guidance branches run every k-th guided step only")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     think: bool = Field(False, description="plan in text first (the thought is returned as revised_prompt)")
     max_think_tokens: int | None = Field(None, ge=1, description="longest thought")

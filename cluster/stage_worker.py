@@ -69,6 +69,7 @@ class StageWorker:
         self.runner = StageRunner(model, (tokenizer.vision_start_id, tokenizer.vision_end_id))
         self.transport: Transport | None = None
         self.latents: dict[str, Tensor] = {}  # last stage: sampler state per image (float32)
+        self._differences: dict[str, dict] = {}  # last stage: per image, see EulerStep.apply
         self._velocities: dict[str, list[Tensor]] = {}  # last stage: branches of the current step
         self.busy_s = 0.0  # time spent computing micro-batches (not waiting for the previous stage)
 
@@ -119,9 +120,10 @@ class StageWorker:
         if len(collected) < len(update.step.run):
             return None
         del self._velocities[update.key]
-        x = update.step.apply(self.latents[update.key], collected).x
+        differences = self._differences.setdefault(update.key, {})
+        x = update.step.apply(self.latents[update.key], collected, differences).x
         if update.step.final:
-            del self.latents[update.key]
+            del self.latents[update.key], self._differences[update.key]
             return x.cpu()
         self.latents[update.key] = x
         return None if self.spec.is_first else x.to(self.runner.stage.dtype).cpu()
@@ -132,8 +134,8 @@ class StageWorker:
     def free(self, context_ids: list[str]) -> None:
         self.runner.cache.free(context_ids)
         for key in context_ids:
-            self.latents.pop(key, None)
-            self._velocities.pop(key, None)
+            for state in (self.latents, self._velocities, self._differences):
+                state.pop(key, None)
 
     def stats(self) -> dict:
         memory = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None

@@ -74,6 +74,7 @@ class LocalExecutor:
         markers = (tokenizer.vision_start_id, tokenizer.vision_end_id)
         self.runners = [StageRunner(s, markers, decode_slots=decode_slots) for s in stages]
         self.device = stages[-1].device
+        self._differences: dict[str, dict] = {}  # per image (COND context): see EulerStep.apply
 
     @property
     def caches(self) -> list[KVCache]:
@@ -108,7 +109,8 @@ class LocalExecutor:
 
     def denoise(self, segments: list[Segment], step: EulerStep) -> StepOutput:
         x = segments[0].latents.to(self.device, torch.float32)
-        return step.apply(x, self._run(segments))
+        differences = self._differences.setdefault(segments[0].context_id, {})
+        return step.apply(x, self._run(segments), differences)
 
     def fork(self, src: str, dst: str) -> None:
         for cache in self.caches:
@@ -117,9 +119,12 @@ class LocalExecutor:
     def free(self, context_ids: list[str]) -> None:
         for cache in self.caches:
             cache.free(context_ids)
+        for key in context_ids:
+            self._differences.pop(key, None)
 
     def live_contexts(self) -> list[str]:
-        return sorted({c for cache in self.caches for c in cache.context_ids()})
+        """Contexts with KV cache or sampler state."""
+        return sorted({c for cache in self.caches for c in cache.context_ids()} | set(self._differences))
 
     def encode_vit(self, images: list[Tensor]) -> list[Tensor]:
         return self.vision.embed_images(images)

@@ -25,6 +25,9 @@ class ImageParams:
     num_timesteps: int = 50
     cfg_renorm_min: float = 0.0
     cfg_renorm_type: str = "global"
+    # APPROXIMATE when > 1: the guidance branches (text-free, image-free) run only every k-th
+    # guided step; between, each is estimated as v_cond minus its last measured difference to it.
+    cfg_refresh_interval: int = 1
     height: int | None = None  # output size; None: the model's largest (1024 for BAGEL-7B-MoT)
     width: int | None = None  # must stay None when an input image fixes the output size
 
@@ -43,6 +46,8 @@ class ImageParams:
                "must be an integer in [2, 1000]")
         _check(_number(self.cfg_renorm_min) and 0.0 <= self.cfg_renorm_min <= 1.0,
                "cfg_renorm_min", "must be in [0, 1]")
+        _check(_integer(self.cfg_refresh_interval) and 1 <= self.cfg_refresh_interval <= 10,
+               "cfg_refresh_interval", "must be an integer in [1, 10]")
         _check(self.cfg_renorm_type in RENORM_TYPES, "cfg_renorm_type", f"must be one of {list(RENORM_TYPES)}")
         for name in ("height", "width"):
             value = getattr(self, name)

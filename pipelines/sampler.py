@@ -31,12 +31,22 @@ class EulerStep:
     params: ImageParams
     dt: float
     final: bool  # the last step: the executor returns the latents
+    estimated: tuple[Branch, ...] = ()  # APPROXIMATE (cfg_refresh_interval > 1): not run this step
 
-    def apply(self, x: Tensor, velocities: list[Tensor]) -> StepOutput:
-        """`x` float32 [tokens, channels] and the run branches' velocities -> the step's output."""
+    def apply(self, x: Tensor, velocities: list[Tensor], differences: dict[Branch, Tensor]) -> StepOutput:
+        """`x` float32 [tokens, channels] and the run branches' velocities -> the step's output.
+        `differences` is the image's v_cond - v_branch of the last step that ran each guidance
+        branch, kept by the executor between steps; used and updated only with
+        cfg_refresh_interval > 1."""
         by_branch = dict(zip(self.run, velocities))
+        v_cond = by_branch[Branch.COND]
+        for branch in self.estimated:
+            by_branch[branch] = v_cond.float() - differences[branch]
+        if self.params.cfg_refresh_interval > 1:
+            differences.update({b: v_cond.float() - v.float() for b, v in by_branch.items()
+                                if b in self.run and b is not Branch.COND})
         for branch in self.same_as_cond:
-            by_branch[branch] = by_branch[Branch.COND]
+            by_branch[branch] = v_cond
         v = combine(by_branch, self.params)
         return StepOutput(x - v * self.dt, v, by_branch)
 
@@ -71,13 +81,19 @@ def sample_image(executor: Executor, contexts: dict[Branch, Context], grid: tupl
     x = x.float()
     num_steps = len(ts) - 1
     identical = contexts[Branch.CFG_IMG].history == contexts[Branch.COND].history
+    guided = 0  # guided steps so far
     for i in range(num_steps):
         t = float(ts[i])
         branches = branches_for_step(t, params)
         # A branch whose context holds exactly what COND holds has COND's velocity.
         aliased = tuple(b for b in branches if b is Branch.CFG_IMG and identical)
         run = tuple(b for b in branches if b not in aliased)
-        step = EulerStep(run, aliased, params, float(ts[i] - ts[i + 1]), final=i == num_steps - 1)
+        estimated = ()
+        if len(branches) > 1:
+            if guided % params.cfg_refresh_interval:
+                run, estimated = (Branch.COND,), run[1:]
+            guided += 1
+        step = EulerStep(run, aliased, params, float(ts[i] - ts[i + 1]), i == num_steps - 1, estimated)
         segments = [Segment.noise(contexts[b].context_id, x, grid, t, contexts[b].rope_pos) for b in run]
         out = executor.denoise(segments, step)
         x = out.x

@@ -6,6 +6,7 @@ The reference formulas below are written out per token with Python loops where t
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -178,3 +179,81 @@ def test_schedule_fixture_values():
     # The t values of the fixture's 8-step cases (fixture README).
     expected = [1, 0.947368, 0.882353, 0.8, 0.692308, 0.545455, 0.333333]
     assert timesteps(8, 3.0)[:-1].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+# -- the approximate guidance refresh (cfg_refresh_interval > 1) ----------------------------------
+
+class AnalyticExecutor:
+    """Velocities in closed form per (branch, x, t); applies each step as the real executors do
+    (the step's differences kept per image)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, ...]] = []
+        self.differences: dict[str, dict] = {}
+
+    @staticmethod
+    def velocity(branch: str, x: torch.Tensor, t: float) -> torch.Tensor:
+        w = {"cond": 1.0, "cfg_text": 0.6, "cfg_img": 0.8}[branch]
+        return torch.sin(w * x + t) + w * x
+
+    def denoise(self, segments, step):
+        x = segments[0].latents.float()
+        self.calls.append(tuple(s.context_id for s in segments))
+        velocities = [self.velocity(s.context_id, x, s.t) for s in segments]
+        return step.apply(x, velocities, self.differences.setdefault(segments[0].context_id, {}))
+
+
+def reference_refresh_sampler(x: torch.Tensor, params: ImageParams) -> tuple[torch.Tensor, list[int]]:
+    """The approximation written out: guidance branches measured every k-th guided step, else
+    v_cond minus the difference measured last time. Returns x and the branches run per step."""
+    ts = timesteps(params.num_timesteps, params.timestep_shift)
+    x, diff, guided, runs = x.double(), {}, 0, []
+    names = ("cfg_text", "cfg_img") if params.cfg_img_scale > 1.0 else ("cfg_text",)
+    for i in range(len(ts) - 1):
+        t = float(ts[i])
+        v = {Branch.COND: AnalyticExecutor.velocity("cond", x, t)}
+        if cfg_active(t, params.cfg_interval):
+            if guided % params.cfg_refresh_interval == 0:
+                for n in names:
+                    diff[n] = v[Branch.COND] - AnalyticExecutor.velocity(n, x, t)
+                runs.append(1 + len(names))
+            else:
+                runs.append(1)
+            v.update({Branch(n): v[Branch.COND] - diff[n] for n in names})
+            v.setdefault(Branch.CFG_IMG, v[Branch.COND])
+            guided += 1
+            step_v = reference_combine(v, params.cfg_text_scale, params.cfg_img_scale, params.cfg_renorm_type,
+                                       params.cfg_renorm_min, len(names) == 2)
+        else:
+            runs.append(1)
+            step_v = v[Branch.COND]
+        x = x - step_v * float(ts[i] - ts[i + 1])
+    return x, runs
+
+
+@pytest.mark.parametrize("g_i,kind,k", [(1.0, "global", 2), (2.0, "text_channel", 3), (1.5, "channel", 2)])
+def test_refresh_interval_follows_the_written_out_approximation(g_i, kind, k):
+    from pipelines.context import Context
+    from pipelines.sampler import sample_image
+
+    params = ImageParams(cfg_img_scale=g_i, cfg_renorm_type=kind, num_timesteps=12, cfg_interval=(0.2, 1.0),
+                         cfg_refresh_interval=k)
+    contexts = {b: Context(b.value, history=(b.value,)) for b in Branch}
+    x0 = torch.randn(TOKENS, CHANNELS, generator=torch.Generator().manual_seed(1))
+    executor = AnalyticExecutor()
+    got = sample_image(executor, contexts, (3, 4), params, x0)
+    expected, runs = reference_refresh_sampler(x0, params)
+    assert [len(c) for c in executor.calls] == runs
+    assert 1 in runs[:5] and max(runs) > 1  # both kinds of guided step happen
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+    # ...and it is an approximation: the exact sampler ends elsewhere.
+    exact = sample_image(AnalyticExecutor(), contexts, (3, 4), replace(params, cfg_refresh_interval=1), x0)
+    assert (exact - got).norm() > 1e-3 * exact.norm()
+
+
+@pytest.mark.parametrize("value", [0, 11, 1.5, True])
+def test_refresh_interval_is_validated(value):
+    from bagel_model.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="cfg_refresh_interval"):
+        ImageParams(cfg_refresh_interval=value).validate(1024, 16)

@@ -225,9 +225,10 @@ def test_health_shows_the_stages(app):
 
 # -- parity through the Python handle ----------------------------------------------------------
 
-@pytest.mark.parametrize("cfg_img_scale", [1.0, 1.5])
-def test_handle_text_to_image(app, cfg_img_scale):
-    params, seed = replace(T2I, cfg_img_scale=cfg_img_scale), 7
+@pytest.mark.parametrize("cfg_img_scale,refresh", [(1.0, 1), (1.5, 1), (1.5, 2)])
+def test_handle_text_to_image(app, cfg_img_scale, refresh):
+    """refresh 2: the approximate mode, whose estimates live on the last stage between steps."""
+    params, seed = replace(T2I, cfg_img_scale=cfg_img_scale, cfg_refresh_interval=refresh), 7
     out = app.handle.generate.remote(ImageTask([PROMPT], params, seed=seed)).result(timeout_s=120)
     assert isinstance(out, ImageOutput)
     assert (out.width, out.height, out.seed, out.thought) == (64, 64, seed, None)
@@ -478,6 +479,7 @@ BAD_REQUESTS = {
     "gen-prompt-not-str": (GEN, {"json": {"prompt": 5}}, ["prompt", "string"]),
     "gen-scale-not-number": (GEN, {"json": {"prompt": "x", "cfg_text_scale": [4]}}, ["cfg_text_scale", "number"]),
     "gen-unknown-field": (GEN, {"json": {"prompt": "x", "steps": 3}}, ["steps", "not permitted"]),
+    "gen-refresh-zero": (GEN, {"json": {"prompt": "x", "cfg_refresh_interval": 0}}, ["cfg_refresh_interval", "[1, 10]"]),
     "gen-size-too-large": (GEN, {"json": {"prompt": "x", "size": "512x64"}}, ["width", "256", "512"]),
     "gen-size-not-16": (GEN, {"json": {"prompt": "x", "size": "64x72"}}, ["height", "multiple of 16", "72"]),
     "gen-size-zero": (GEN, {"json": {"prompt": "x", "size": "0x64"}}, ["width", "got 0"]),
