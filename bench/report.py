@@ -27,7 +27,9 @@ def rows() -> list[tuple[str, str, str, str, str]]:
     out = []
     for label, name in (("in-process, eager (first version)", "latency_baseline_h100.json"),
                         ("in-process, exact (fused kernels, CUDA-graph decode)", "latency_compiled_h100.json"),
-                        ("in-process, APPROXIMATE FP8 generation MLP", "latency_fp8_h100.json")):
+                        ("in-process, APPROXIMATE FP8 generation MLP", "latency_fp8_h100.json"),
+                        ("in-process, APPROXIMATE cfg_refresh_interval 2", "latency_cfg_refresh2_h100.json"),
+                        ("in-process, APPROXIMATE cfg_refresh_interval 3", "latency_cfg_refresh3_h100.json")):
         r = load(name)["results"]
         for task, title in (("t2i", "text-to-image 1024², 50 steps"), ("edit", "edit 1024²")):
             dev = r[task].get("deviation_from_exact")
@@ -61,15 +63,17 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [load(n)["results"] for n in ("latency_baseline_h100.json", "latency_compiled_h100.json", "latency_fp8_h100.json")]
+    runs = [load(n)["results"] for n in ("latency_baseline_h100.json", "latency_compiled_h100.json", "latency_fp8_h100.json",
+                                         "latency_cfg_refresh2_h100.json", "latency_cfg_refresh3_h100.json")]
     serve1 = load("serve_gpu_1stages_1024.json")
-    labels = ["official", "ours, first", "ours, exact", "ours, FP8\n(approximate)", "Serve 1 stage\n(exact)", "target"]
+    labels = ["official", "ours, first", "ours, exact", "FP8\n(approx.)", "refresh 2\n(approx.)",
+              "refresh 3\n(approx.)", "Serve 1 stage\n(exact)", "target"]
     t2i = [OFFICIAL_H100["t2i"], *(r["t2i"]["end_to_end_s"]["median"] for r in runs),
            _median_after_first(serve1["request_s"]), TARGETS["t2i"]]
     edit = [OFFICIAL_H100["edit"], *(r["edit"]["end_to_end_s"]["median"] for r in runs), float("nan"), TARGETS["edit"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.6))
     for ax, values, title in ((axes[0], t2i, "text-to-image 1024², 50 steps"), (axes[1], edit, "edit 1024², 50 steps")):
-        ax.bar(labels, values, color=["#999", "#9c8", "#2a5", "#e93", "#48c", "#c44"])
+        ax.bar(labels, values, color=["#999", "#9c8", "#2a5", "#e93", "#eb6", "#fc8", "#48c", "#c44"])
         ax.set(title=title, ylabel="seconds (H100)")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
