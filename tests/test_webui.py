@@ -213,8 +213,14 @@ def test_bad_value_shows_the_server_error(page):
     wait(page, lambda d: role(section, "error").is_displayed(), "the error message")
     assert role(section, "error").text == "num_timesteps must be an integer in [2, 1000]"
     shot(page, "06-t2i-error")
-    # a size beyond the demo model's largest side: the server's message names the range
+    # the approximate knob reaches the server too
     set_value(section, "t2i-num_timesteps", STEPS)
+    set_value(section, "t2i-cfg_refresh_interval", "0")
+    role(section, "run").click()
+    wait(page, lambda d: role(section, "error").is_displayed(), "the refresh error")
+    assert role(section, "error").text == "cfg_refresh_interval must be an integer in [1, 10]"
+    set_value(section, "t2i-cfg_refresh_interval", "1")
+    # a size beyond the demo model's largest side: the server's message names the range
     Select(role(section, "size-preset")).select_by_value("1024x1024")
     role(section, "run").click()
     wait(page, lambda d: role(section, "error").is_displayed(), "the size error")

@@ -9,9 +9,11 @@ const API = new URL("../", document.baseURI);  // the app's root (…/ui/ -> …
 // ranges here are only the inputs' hints.
 const DEFAULTS = {
   t2i: {cfg_text_scale: 4.0, cfg_img_scale: 1.0, cfg_interval_start: 0.4, timestep_shift: 3.0,
-        num_timesteps: 50, cfg_renorm_min: 0.0, cfg_renorm_type: "global", seed: "", max_think_tokens: 1000},
+        num_timesteps: 50, cfg_renorm_min: 0.0, cfg_renorm_type: "global", cfg_refresh_interval: 1, seed: "",
+        max_think_tokens: 1000},
   edit: {cfg_text_scale: 4.0, cfg_img_scale: 2.0, cfg_interval_start: 0.0, timestep_shift: 3.0,
-         num_timesteps: 50, cfg_renorm_min: 0.0, cfg_renorm_type: "text_channel", seed: "", max_think_tokens: 1000},
+         num_timesteps: 50, cfg_renorm_min: 0.0, cfg_renorm_type: "text_channel", cfg_refresh_interval: 1, seed: "",
+         max_think_tokens: 1000},
 };
 
 const KNOBS = [
@@ -36,6 +38,9 @@ const KNOBS = [
   {name: "cfg_renorm_type", label: "Renorm type", options: ["global", "channel", "text_channel"],
    hint: "global (text-to-image), text_channel (edit).",
    help: "cfg_renorm_type: global = one factor over the whole image; channel = one per image token; text_channel = per token on the text-guided prediction, before image guidance (the editing default)."},
+  {name: "cfg_refresh_interval", label: "Guidance refresh (approximate)", min: 1, max: 10, step: 1, integer: true,
+   hint: "1 = exact. 2–3: faster, slightly different.",
+   help: "cfg_refresh_interval (ours, APPROXIMATE when above 1): the guidance branches run only every k-th guided step and are estimated in between from their last difference to the conditional prediction. 2 or 3 save a good part of the time (measured in the README) at the cost of a small change to the image. 1 (default) is the exact model."},
   {name: "seed", label: "Seed", min: 0, step: 1, integer: true, optional: true, placeholder: "random",
    hint: "Blank = random; the seed used is shown.",
    help: "seed: the noise seed. Blank picks a random one; the seed actually used is shown with the result, and the same seed and settings give the same image."},
