@@ -58,11 +58,12 @@ class Fp8SwiGLU(nn.Module):
         self.gate_up = Fp8Weight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
         self.down = Fp8Weight(mlp.down_proj.weight)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
         gate_up = self.gate_up.matmul(*_quantize_rows(rows), x.dtype)
         out = self.down.matmul(*_silu_mul_quantized(*gate_up.chunk(2, dim=-1)), x.dtype)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        return out if residual is None else residual.add_(out)
 
 
 @torch.no_grad()

@@ -61,8 +61,14 @@ class FusedLinear:
             start += n
 
 
+def add_linear_(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
+    """residual += linear(x) in place, as one GEMM that adds in its epilogue (bias-free linear)."""
+    return residual.addmm_(x, linear.weight.t())
+
+
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), no biases; gate and up run as one GEMM."""
+    """down(silu(gate(x)) * up(x)), no biases; gate and up run as one GEMM. With `residual`,
+    the output is added to it in place (`add_linear_`) and returned."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -71,8 +77,9 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.gate_up = FusedLinear(self.gate_proj, self.up_proj)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(silu_mul(*self.gate_up(x).chunk(2, dim=-1)))
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        h = silu_mul(*self.gate_up(x).chunk(2, dim=-1))
+        return self.down_proj(h) if residual is None else add_linear_(residual, h, self.down_proj)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

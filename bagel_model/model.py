@@ -85,6 +85,7 @@ class BagelStage(nn.Module):
         segments say."""
         llm = self.config.llm
         cos, sin = rope_cos_sin(layout.positions, llm.head_dim, llm.rope_theta, hidden.dtype)
+        hidden = hidden.clone()  # the layers update the residual stream in place
         for layer in self.language_model.model.layers.values():
             hidden = layer(hidden, layout, cos, sin, cache)
         return hidden

@@ -41,7 +41,8 @@ class MoTAttention(nn.Module):
                 layers.qk_norm_rope(k, k_norm.weight, k_norm.eps, cos, sin), v)
 
     def forward(self, h: Tensor, layout: PackedLayout, cos: Tensor, sin: Tensor,
-                cache: KVCache, layer: int) -> Tensor:
+                cache: KVCache, layer: int, residual: Tensor) -> Tensor:
+        """`residual` + attention(h): the output projection adds into `residual` in place."""
         q, k, v = layout.route(h, lambda *a: self.qkv_rope(*a, gen=False), lambda *a: self.qkv_rope(*a, gen=True), cos, sin)
         out = q.new_empty(q.shape)
         for i, seg in enumerate(layout.segments):
@@ -52,8 +53,8 @@ class MoTAttention(nn.Module):
             out[rows] = attend(q[rows], k_all, v_all, seg.causal)
             if seg.updates_cache:
                 cache.append(seg.context_id, layer, k_seg, v_seg)
-        out = out.flatten(1)
-        return layout.route(out, self.o_proj, self.o_proj_moe_gen)
+        return layout.route(out.flatten(1), lambda o, r: layers.add_linear_(r, o, self.o_proj),
+                            lambda o, r: layers.add_linear_(r, o, self.o_proj_moe_gen), residual)
 
 
 def _unpack(qkv: Tensor, hq: int, hkv: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -73,12 +74,14 @@ class MoTDecoderLayer(nn.Module):
             setattr(self, f"post_attention_layernorm{suffix}", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
 
     def forward(self, x: Tensor, layout: PackedLayout, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
+        """Updates the residual stream `x` in place (each residual add happens in the epilogue
+        of the GEMM before it) and returns it."""
         h = layout.route(x, self.input_layernorm, self.input_layernorm_moe_gen)
-        x = x + self.self_attn(h, layout, cos, sin, cache, self.index)
-        return x + layout.route(
+        x = self.self_attn(h, layout, cos, sin, cache, self.index, x)
+        return layout.route(
             x,
-            lambda y: self.mlp(self.post_attention_layernorm(y)),
-            lambda y: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(y)),
+            lambda y: self.mlp(self.post_attention_layernorm(y), y),
+            lambda y: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(y), y),
         )
 
     def decode(self, x: Tensor, pending: Tensor, cos: Tensor, sin: Tensor, k_slots: Tensor, v_slots: Tensor,

@@ -2,7 +2,8 @@
 
 The first stage embeds the segments, later ones take the previous stage's hidden states; the last
 returns per-segment outputs (`BagelStage.heads`), the others hidden states. Decode steps take the
-static-slot fast path of `decode_step.py` whenever their contexts fit its slots.
+static-slot fast path of `decode_step.py` whenever their contexts fit its slots; on CUDA,
+denoising forwards are replayed as CUDA graphs (`denoise_graph.py`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .decode_step import DecodeStep
+from .denoise_graph import DenoiseGraphs
 from .kv_cache import KVCache
 from .model import BagelStage
 from .segments import PackedLayout, Segment
@@ -20,10 +22,12 @@ class StageRunner:
                  graphs: bool | None = None):
         """`markers`: the <|vision_start|> and <|vision_end|> token ids; `decode_slots`: how many
         contexts the decode fast path holds at once (0 turns it off); `graphs`: capture decode
-        steps as CUDA graphs (default: on CUDA devices)."""
+        steps and denoising forwards as CUDA graphs (default: on CUDA devices)."""
         self.stage, self.markers = stage, markers
         self.cache = KVCache(stage.stage.layers, max_slots=decode_slots)
+        graphs = stage.device.type == "cuda" if graphs is None else graphs
         self.decode_step = DecodeStep(stage, self.cache, graphs) if decode_slots else None
+        self.denoise_graphs = DenoiseGraphs(self._forward, self.cache, stage.device) if graphs else None
 
     @property
     def device(self) -> torch.device:
@@ -38,6 +42,20 @@ class StageRunner:
                 return out
         if self.stage.stage.is_first:
             hidden = self.stage.embed(segments, *self.markers)
-        layout = PackedLayout.build(segments, self.device)
-        hidden = self.stage(hidden.to(self.device), layout, self.cache)
+        hidden = hidden.to(self.device)
+        if self.denoise_graphs is not None and DenoiseGraphs.accepts(segments):
+            return self.denoise_graphs(segments, hidden)
+        return self._forward(hidden, PackedLayout.build(segments, self.device))
+
+    def _forward(self, hidden: Tensor, layout: PackedLayout) -> Tensor | list[Tensor | None]:
+        hidden = self.stage(hidden, layout, self.cache)
         return self.stage.heads(hidden, layout) if self.stage.stage.is_last else hidden
+
+    def fork(self, src: str, dst: str) -> None:
+        self.cache.fork(src, dst)
+
+    def free(self, context_ids: list[str]) -> None:
+        """Drop these contexts' caches and the denoising graphs that read them."""
+        self.cache.free(context_ids)
+        if self.denoise_graphs is not None:
+            self.denoise_graphs.forget(context_ids)

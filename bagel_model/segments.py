@@ -139,8 +139,9 @@ class PackedLayout:
     def route(self, x: Tensor, und_fn, gen_fn, *row_args: Tensor):
         """Apply `und_fn` to understanding rows and `gen_fn` to generation rows of x (row-wise
         functions, called as fn(x_rows, *row_args_rows), returning a tensor or a tuple of
-        tensors with those rows). The majority expert runs on all rows, so its rows are never
-        gathered or scattered; the minority's rows are then recomputed and overwritten."""
+        tensors with those rows; they may update their arguments in place). The majority expert
+        runs on all rows, so its rows are never gathered or scattered; the minority's rows,
+        gathered first, are then computed and written over the majority's output."""
         if self.gen_rows is None:
             return und_fn(x, *row_args)
         if self.und_rows is None:
@@ -149,8 +150,9 @@ class PackedLayout:
             major, minor, rows = gen_fn, und_fn, self.und_rows
         else:
             major, minor, rows = und_fn, gen_fn, self.gen_rows
+        minor_args = [x[rows], *(a[rows] for a in row_args)]
         out = major(x, *row_args)
-        sub = minor(x[rows], *(a[rows] for a in row_args))
+        sub = minor(*minor_args)
         for o, s in zip(*((out, sub) if isinstance(out, tuple) else ((out,), (sub,)))):
             o[rows] = s
         return out

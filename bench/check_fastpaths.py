@@ -2,7 +2,8 @@
 stage (`--layers` layers) with random bf16 weights:
 
 - denoising forward (1024x1024 latents, two CFG branches): bf16 eager and bf16 with the
-  compiled elementwise kernels, each against a float32 eager forward of the same weights;
+  compiled elementwise kernels, each against a float32 eager forward of the same weights, and
+  the same forward captured as a CUDA graph and replayed twice against its eager run;
 - decoding: 32 teacher-forced steps of the CUDA-graph fast path (static K/V slots) against the
   packed path, both bf16, and both against float32.
 
@@ -34,11 +35,13 @@ def deviation(x: torch.Tensor, reference: torch.Tensor) -> dict:
             "relative_l2": ((x - reference).norm() / reference.norm()).item()}
 
 
-def denoise(stage: BagelStage, prompt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def denoise(stage: BagelStage, prompt: torch.Tensor, x: torch.Tensor, calls: int = 1) -> list[torch.Tensor]:
+    """The two-branch forward's velocities, `calls` times on one runner: with CUDA graphs the
+    first call runs eagerly, the second is captured and replayed, later ones replay."""
     runner = StageRunner(stage, MARKERS)
     runner.run([Segment.text("cond", prompt, 0)])
-    out = runner.run([Segment.noise("cond", x, (64, 64), 0.9, len(prompt)), Segment.noise("cfg_text", x, (64, 64), 0.9, 0)])
-    return torch.stack(out).float()
+    segments = [Segment.noise("cond", x, (64, 64), 0.9, len(prompt)), Segment.noise("cfg_text", x, (64, 64), 0.9, 0)]
+    return [torch.stack(runner.run(segments)).float() for _ in range(calls)]
 
 
 def decode(stage: BagelStage, prompt: torch.Tensor, tokens: torch.Tensor, slots: int) -> torch.Tensor:
@@ -62,11 +65,11 @@ def main() -> None:
     x = torch.randn(4096, 64, generator=g).cuda()
     tokens = torch.randint(0, 150000, (32,), generator=g)
 
-    fp32_denoise = denoise(reference, prompt, x)
+    fp32_denoise = denoise(reference, prompt, x)[0]
     fp32_decode = decode(reference, prompt, tokens, slots=0)
-    eager_denoise = denoise(stage, prompt, x)
+    eager_denoise = denoise(stage, prompt, x)[0]
     layers.compile_elementwise()
-    compiled_denoise = denoise(stage, prompt, x)
+    compiled_denoise, *replayed = denoise(stage, prompt, x, calls=3)
     packed_decode = decode(stage, prompt, tokens, slots=0)
     graph_decode = decode(stage, prompt, tokens, slots=8)
     report = {
@@ -74,7 +77,8 @@ def main() -> None:
         "commit": commit(), "layers": args.layers, "weights": "random bf16, full width",
         "denoise": {"eager_bf16_vs_fp32": deviation(eager_denoise, fp32_denoise),
                     "compiled_bf16_vs_fp32": deviation(compiled_denoise, fp32_denoise),
-                    "compiled_vs_eager_bf16": deviation(compiled_denoise, eager_denoise)},
+                    "compiled_vs_eager_bf16": deviation(compiled_denoise, eager_denoise),
+                    "graph_replays_vs_compiled_eager_bf16": [deviation(r, compiled_denoise) for r in replayed]},
         "decode": {"packed_bf16_vs_fp32": deviation(packed_decode, fp32_decode),
                    "graph_bf16_vs_fp32": deviation(graph_decode, fp32_decode),
                    "graph_vs_packed_bf16": deviation(graph_decode, packed_decode),

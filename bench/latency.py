@@ -79,15 +79,16 @@ class Timed:
         return getattr(self.inner, name)
 
 
-def build(checkpoint: str | None, device: str) -> LocalExecutor:
+def build(checkpoint: str | None, device: str, graphs: bool) -> LocalExecutor:
     if checkpoint:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        return LocalExecutor.from_checkpoint(checkpoint, device=device, dtype=dtype)
+        base = LocalExecutor.from_checkpoint(checkpoint, device=device, dtype=dtype)
+        return LocalExecutor(base.config, base.tokenizer, base.stages, base.vision, base.vae, graphs=graphs)
     config = BagelConfig()
     stage = random_module(lambda: BagelStage(config, full_model(config.llm.num_hidden_layers)), device, torch.bfloat16, 0)
     vision = random_module(lambda: VisionEncoder(config), device, torch.bfloat16, 1)
     vae = random_module(lambda: AutoEncoder(config.vae), device, torch.float32, 2)
-    return LocalExecutor(config, demo_tokenizer(), [stage], vision, vae)
+    return LocalExecutor(config, demo_tokenizer(), [stage], vision, vae, graphs=graphs)
 
 
 def image_flops(executor, tokens: int, contexts: list[int], calls: list[int]) -> float:
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="latency")
     p.add_argument("--device", default="cuda")
     p.add_argument("--compile", action="store_true", help="fused torch.compile'd elementwise kernels")
+    p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (decode steps, denoising forwards)")
     p.add_argument("--fp8", action="store_true", help="APPROXIMATE: FP8 GEMMs in the generation expert's MLP")
     p.add_argument("--cfg-refresh-interval", type=int, default=1, metavar="K",
                    help="APPROXIMATE when > 1: run the guidance branches every K-th guided step only")
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         compile_elementwise()
     t = time.perf_counter()
-    executor = Timed(build(args.checkpoint, args.device))
+    executor = Timed(build(args.checkpoint, args.device, graphs=args.device == "cuda" and not args.no_graphs))
     exact = {}
     if args.fp8 or args.cfg_refresh_interval > 1:  # exact outputs first (noise seed 0)
         jobs = {"t2i": t2i_job, "edit": edit_job}

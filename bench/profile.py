@@ -113,7 +113,7 @@ def decode_profile(runner: StageRunner, context: int = 100, tokens: int = 64) ->
     per_token = (time.perf_counter() - start) * 1000 / tokens
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step(8 + tokens)
-    runner.cache.free(["dec"])
+    runner.free(["dec"])
     gpu = sum(t for t, _ in kernel_times(prof).values())
     return {"context_tokens": context, "ms_per_token": per_token, "tokens_per_s": 1000 / per_token,
             "gpu_kernel_ms_per_token": gpu}
@@ -125,12 +125,13 @@ def main() -> None:
     p.add_argument("--name", default="profile_denoise")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--compile", action="store_true", help="fused torch.compile'd elementwise kernels")
+    p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (decode steps, denoising forwards)")
     args = p.parse_args()
     if args.compile:
         compile_elementwise()
     config = BagelConfig()
     stage = random_module(lambda: BagelStage(config, full_model(config.llm.num_hidden_layers)), "cuda", torch.bfloat16, 0)
-    runner = StageRunner(stage, (151652, 151653))
+    runner = StageRunner(stage, (151652, 151653), graphs=not args.no_graphs)
     g = torch.Generator("cpu").manual_seed(0)
     runner.run([Segment.text("cond", torch.randint(0, 150000, (PROMPT_TOKENS,), generator=g), 0)])
     side = args.size // config.latent_downsample
@@ -169,7 +170,8 @@ def main() -> None:
     report = {
         "benchmark": "profile_denoise", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "commit": commit(), "weights": "random bf16 (full-size BAGEL-7B-MoT architecture)",
-        "settings": {"size": args.size, "branches": 2, "prompt_tokens": PROMPT_TOKENS, "compile": args.compile},
+        "settings": {"size": args.size, "branches": 2, "prompt_tokens": PROMPT_TOKENS, "compile": args.compile,
+                     "graphs": not args.no_graphs},
         "forward_ms": ms, "tflops": flops / ms / 1e9, "gpu_busy_ms": busy, "gpu_idle_ms": ms - busy,
         "host_enqueue_ms": host_ms, "back_to_back_forward_ms": pipelined_ms,
         "decode": decode_profile(runner),

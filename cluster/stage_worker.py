@@ -129,10 +129,10 @@ class StageWorker:
         return None if self.spec.is_first else x.to(self.runner.stage.dtype).cpu()
 
     def fork(self, src: str, dst: str) -> None:
-        self.runner.cache.fork(src, dst)
+        self.runner.fork(src, dst)
 
     def free(self, context_ids: list[str]) -> None:
-        self.runner.cache.free(context_ids)
+        self.runner.free(context_ids)
         for key in context_ids:
             for state in (self.latents, self._velocities, self._differences):
                 state.pop(key, None)

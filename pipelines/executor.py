@@ -67,12 +67,13 @@ class LocalExecutor:
     """All stages in this process, run one after another."""
 
     def __init__(self, config: BagelConfig, tokenizer: BagelTokenizer, stages: list[BagelStage],
-                 vision: VisionEncoder, vae: AutoEncoder, decode_slots: int = 8):
-        """`decode_slots`: contexts the fast decode path holds at once per stage (0: off)."""
+                 vision: VisionEncoder, vae: AutoEncoder, decode_slots: int = 8, graphs: bool | None = None):
+        """`decode_slots`: contexts the fast decode path holds at once per stage (0: off);
+        `graphs`: CUDA graphs for decode steps and denoising forwards (default: on CUDA)."""
         self.config, self.tokenizer = config, tokenizer
         self.stages, self.vision, self.vae = stages, vision, vae
         markers = (tokenizer.vision_start_id, tokenizer.vision_end_id)
-        self.runners = [StageRunner(s, markers, decode_slots=decode_slots) for s in stages]
+        self.runners = [StageRunner(s, markers, decode_slots=decode_slots, graphs=graphs) for s in stages]
         self.device = stages[-1].device
         self._differences: dict[str, dict] = {}  # per image (COND context): see EulerStep.apply
 
@@ -113,12 +114,12 @@ class LocalExecutor:
         return step.apply(x, self._run(segments), differences)
 
     def fork(self, src: str, dst: str) -> None:
-        for cache in self.caches:
-            cache.fork(src, dst)
+        for runner in self.runners:
+            runner.fork(src, dst)
 
     def free(self, context_ids: list[str]) -> None:
-        for cache in self.caches:
-            cache.free(context_ids)
+        for runner in self.runners:
+            runner.free(context_ids)
         for key in context_ids:
             self._differences.pop(key, None)
 

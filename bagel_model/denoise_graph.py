@@ -1,0 +1,126 @@
+"""Denoising forwards as replayed CUDA graphs.
+
+Every step of one image runs the same forward: the same branches (contexts), the same token
+count, the same cached K/V read; only the input hidden states change. So the second time a
+call with those facts arrives it is captured once as a graph, and later steps only copy their
+input into the graph's static buffer and replay it: the GPU runs the step's ~1,000 kernels
+back to back, with no launch gaps and no host work between them. Same kernels, same numbers as
+the eager forward (checked by `bench/check_fastpaths.py`).
+
+A graph holds references to the K/V tensors it reads, so they cannot be freed under it; a call
+whose contexts have other K/V tensors than at the capture (same lengths) runs eagerly and is
+captured again. Graphs share one memory pool (their intermediates are
+dead between replays; outputs are cloned before anything else runs) and are dropped when their
+contexts are freed, or the oldest beyond `max_graphs`.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .kv_cache import KVCache
+from .segments import PackedLayout, Segment, SegmentKind
+
+Outputs = Tensor | list[Tensor | None]
+Forward = Callable[[Tensor, PackedLayout], Outputs]
+# capture(fn) -> (replay, outputs): records fn() so that replay() recomputes it into `outputs`.
+Capture = Callable[[Callable[[], Outputs]], tuple[Callable[[], None], Outputs]]
+
+
+def cuda_capture(pool: tuple) -> Capture:
+    """Capture on a side stream that waits for the work already queued, without the device
+    sync of `torch.cuda.graph` (the previous step keeps the GPU busy while the host captures)."""
+    def capture(fn: Callable[[], Outputs]) -> tuple[Callable[[], None], Outputs]:
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                out = fn()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
+        return graph.replay, out
+    return capture
+
+
+@dataclass
+class _Graph:
+    replay: Callable[[], None]
+    hidden: Tensor  # static input
+    outputs: Outputs  # static outputs
+    layout: PackedLayout  # its device tensors are read by the graph
+    kv: list[tuple[Tensor, Tensor] | None]  # the cached K/V it reads, per (segment, layer)
+
+
+class DenoiseGraphs:
+    def __init__(self, forward: Forward, cache: KVCache, device: torch.device,
+                 capture: Capture | None = None, max_graphs: int = 4):
+        """`forward(hidden, layout)`: the stage's eager forward (hidden states or heads)."""
+        self.forward, self.cache, self.device = forward, cache, device
+        self.capture = capture or cuda_capture(torch.cuda.graph_pool_handle())
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._seen: set[tuple] = set()  # keys run once eagerly (which warms up their kernels)
+        self.enabled = True  # off after a capture failed: every call runs eagerly
+
+    @staticmethod
+    def accepts(segments: list[Segment]) -> bool:
+        """Whether this call is a denoising forward (noise blocks only, caches read only)."""
+        return all(s.kind is SegmentKind.NOISE for s in segments)
+
+    def __call__(self, segments: list[Segment], hidden: Tensor) -> Outputs:
+        key = tuple((s.context_id, self.cache.length(s.context_id), s.rope_pos, s.grid) for s in segments) \
+            + (tuple(hidden.shape), hidden.dtype)
+        graph = self._graphs.get(key)
+        if graph is not None and not all(a is b for a, b in zip(graph.kv, self._kv(segments))):
+            del self._graphs[key]  # a context's cache was replaced since the capture: start over
+            self._seen.discard(key)
+            graph = None
+        if graph is None:
+            if key not in self._seen or not self.enabled:
+                self._seen.add(key)
+                return self.forward(hidden, PackedLayout.build(segments, self.device))
+            try:
+                graph = self._capture(key, segments, hidden)
+            except RuntimeError as e:
+                warnings.warn(f"denoising graph capture failed, running eagerly from now on: {e}")
+                self.enabled = False
+                return self.forward(hidden, PackedLayout.build(segments, self.device))
+        self._graphs.move_to_end(key)
+        graph.hidden.copy_(hidden)
+        graph.replay()
+        out = graph.outputs
+        return out.clone() if isinstance(out, Tensor) else [None if o is None else o.clone() for o in out]
+
+    def forget(self, context_ids: list[str]) -> None:
+        """Drop the graphs and keys of calls that read any of these contexts."""
+        gone = set(context_ids)
+        for key in [k for k in self._graphs if _contexts(k) & gone]:
+            del self._graphs[key]
+        self._seen = {k for k in self._seen if not _contexts(k) & gone}
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def _capture(self, key: tuple, segments: list[Segment], hidden: Tensor) -> _Graph:
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        static = hidden.clone()
+        layout = PackedLayout.build(segments, self.device)
+        kv = self._kv(segments)
+        replay, outputs = self.capture(lambda: self.forward(static, layout))
+        graph = self._graphs[key] = _Graph(replay, static, outputs, layout, kv)
+        return graph
+
+    def _kv(self, segments: list[Segment]) -> list[tuple[Tensor, Tensor] | None]:
+        return [self.cache.get(s.context_id, layer) for s in segments for layer in self.cache.layers]
+
+
+def _contexts(key: tuple) -> set[str]:
+    return {part[0] for part in key[:-2]}
