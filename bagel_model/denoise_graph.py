@@ -28,25 +28,24 @@ from .segments import PackedLayout, Segment, SegmentKind
 
 Outputs = Tensor | list[Tensor | None]
 Forward = Callable[[Tensor, PackedLayout], Outputs]
-# capture(fn) -> (replay, outputs): records fn() so that replay() recomputes it into `outputs`.
-Capture = Callable[[Callable[[], Outputs]], tuple[Callable[[], None], Outputs]]
+# capture(fn, pool) -> (replay, outputs): records fn() so that replay() recomputes it into
+# `outputs`; `pool` is shared by the graphs captured into it.
+Capture = Callable[[Callable[[], Outputs], tuple], tuple[Callable[[], None], Outputs]]
 
 
-def cuda_capture(pool: tuple) -> Capture:
+def cuda_capture(fn: Callable[[], Outputs], pool: tuple) -> tuple[Callable[[], None], Outputs]:
     """Capture on a side stream that waits for the work already queued, without the device
     sync of `torch.cuda.graph` (the previous step keeps the GPU busy while the host captures)."""
-    def capture(fn: Callable[[], Outputs]) -> tuple[Callable[[], None], Outputs]:
-        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-            try:
-                out = fn()
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream().wait_stream(stream)
-        return graph.replay, out
-    return capture
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            out = fn()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph.replay, out
 
 
 @dataclass
@@ -59,12 +58,12 @@ class _Graph:
 
 
 class DenoiseGraphs:
-    def __init__(self, forward: Forward, cache: KVCache, device: torch.device,
-                 capture: Capture | None = None, max_graphs: int = 4):
+    def __init__(self, forward: Forward, cache: KVCache, device: torch.device, max_graphs: int = 4,
+                 capture: Capture = cuda_capture, new_pool: Callable[[], tuple] = torch.cuda.graph_pool_handle):
         """`forward(hidden, layout)`: the stage's eager forward (hidden states or heads)."""
-        self.forward, self.cache, self.device = forward, cache, device
-        self.capture = capture or cuda_capture(torch.cuda.graph_pool_handle())
-        self.max_graphs = max_graphs
+        self.forward, self.cache, self.device, self.max_graphs = forward, cache, device, max_graphs
+        self.capture, self.new_pool = capture, new_pool
+        self._pool: tuple | None = None  # memory pool of the live graphs
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._seen: set[tuple] = set()  # keys run once eagerly (which warms up their kernels)
         self.enabled = True  # off after a capture failed: every call runs eagerly
@@ -111,10 +110,12 @@ class DenoiseGraphs:
     def _capture(self, key: tuple, segments: list[Segment], hidden: Tensor) -> _Graph:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
+        if not self._graphs:  # a pool cannot be captured into again once its graphs are gone
+            self._pool = self.new_pool()
         static = hidden.clone()
         layout = PackedLayout.build(segments, self.device)
         kv = self._kv(segments)
-        replay, outputs = self.capture(lambda: self.forward(static, layout))
+        replay, outputs = self.capture(lambda: self.forward(static, layout), self._pool)
         graph = self._graphs[key] = _Graph(replay, static, outputs, layout, kv)
         return graph
 

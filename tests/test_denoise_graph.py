@@ -26,9 +26,11 @@ from pipelines.tasks import generate_image
 class Recorder:
     def __init__(self):
         self.captures = self.replays = 0
+        self.pools = set()
 
-    def __call__(self, fn):
+    def __call__(self, fn, pool):
         self.captures += 1
+        self.pools.add(pool)
         out = fn()
 
         def replay():
@@ -47,7 +49,8 @@ def pair(checkpoint_dir):
     graphed, plain = LocalExecutor(*parts), LocalExecutor(*parts, graphs=False)
     recorder = Recorder()
     for runner in graphed.runners:
-        runner.denoise_graphs = DenoiseGraphs(runner._forward, runner.cache, runner.device, capture=recorder)
+        runner.denoise_graphs = DenoiseGraphs(runner._forward, runner.cache, runner.device,
+                                              capture=recorder, new_pool=object)
     return graphed, plain, recorder
 
 
@@ -59,7 +62,7 @@ def test_generation_with_graphs_equals_plain(pair, task):
     else:
         image = Image.fromarray((torch.arange(48 * 64 * 3) % 251).to(torch.uint8).reshape(48, 64, 3).numpy())
         items, params = [image, "make it night"], replace(EDIT_DEFAULTS, num_timesteps=6)
-    before = recorder.replays
+    before, pools = recorder.replays, len(recorder.pools)
     a = generate_image(graphed, items, params, noise=NoiseSource(3))
     b = generate_image(plain, items, params, noise=NoiseSource(3))
     assert torch.equal(a.latent, b.latent)
@@ -67,6 +70,8 @@ def test_generation_with_graphs_equals_plain(pair, task):
     # is captured on its second step, replayed from then on; per stage.
     expected = {"t2i": (5 - 1) + (2 - 1), "edit": 5 - 1}[task]  # edit: 5 steps, all guided
     assert recorder.replays - before == expected * len(graphed.runners)
+    # a request's graphs share one pool per stage; freed with them, never captured into again
+    assert len(recorder.pools) - pools == len(graphed.runners)
     assert graphed.live_contexts() == []
     for runner in graphed.runners:
         assert len(runner.denoise_graphs) == 0 and not runner.denoise_graphs._seen
@@ -75,8 +80,8 @@ def test_generation_with_graphs_equals_plain(pair, task):
 def test_recapture_after_cache_change_and_lru(checkpoint_dir):
     base = LocalExecutor.from_checkpoint(checkpoint_dir, dtype=torch.float32)
     runner, recorder = base.runners[0], Recorder()
-    graphs = runner.denoise_graphs = DenoiseGraphs(runner._forward, runner.cache, runner.device,
-                                                   capture=recorder, max_graphs=2)
+    graphs = runner.denoise_graphs = DenoiseGraphs(runner._forward, runner.cache, runner.device, max_graphs=2,
+                                                   capture=recorder, new_pool=object)
     plain = LocalExecutor(base.config, base.tokenizer, base.stages, base.vision, base.vae, graphs=False).runners[0]
     plain.cache = runner.cache  # same contexts, no graphs
     runner.run([Segment.text("c", [1, 2, 3, 4, 5], 0)])
