@@ -12,12 +12,12 @@ A graph holds references to the K/V tensors it reads, so they cannot be freed un
 whose contexts have other K/V tensors than at the capture (same lengths) runs eagerly and is
 captured again. Live graphs share one memory pool (their intermediates are dead between
 replays; outputs are cloned before anything else runs); a new pool starts once they are all
-gone. Graphs are dropped when their contexts are freed, or the oldest beyond `max_graphs`.
+gone. Graphs are dropped when their contexts are freed; beyond `max_graphs` live graphs, calls
+with new keys run eagerly.
 """
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,19 +34,26 @@ Forward = Callable[[Tensor, PackedLayout], Outputs]
 Capture = Callable[[Callable[[], Outputs], tuple], tuple[Callable[[], None], Outputs]]
 
 
-def cuda_capture(fn: Callable[[], Outputs], pool: tuple) -> tuple[Callable[[], None], Outputs]:
-    """Capture on a side stream that waits for the work already queued, without the device
-    sync of `torch.cuda.graph` (the previous step keeps the GPU busy while the host captures)."""
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-        try:
-            out = fn()
-        finally:
-            graph.capture_end()
-    torch.cuda.current_stream().wait_stream(stream)
-    return graph.replay, out
+class CudaCapture:
+    """Captures on one side stream of its own, which waits for the work already queued: no
+    device sync as in `torch.cuda.graph` (the previous step keeps the GPU busy while the host
+    captures). One stream for all captures, because the allocator reuses a freed block of a
+    shared pool only for allocations on the stream that freed it."""
+
+    def __init__(self):
+        self.stream = torch.cuda.Stream()
+
+    def __call__(self, fn: Callable[[], Outputs], pool: tuple) -> tuple[Callable[[], None], Outputs]:
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                out = fn()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return graph.replay, out
 
 
 @dataclass
@@ -59,16 +66,19 @@ class _Graph:
 
 
 class DenoiseGraphs:
-    def __init__(self, forward: Forward, cache: KVCache, device: torch.device, max_graphs: int = 16,
-                 capture: Capture = cuda_capture, new_pool: Callable[[], tuple] = torch.cuda.graph_pool_handle):
-        """`forward(hidden, layout)`: the stage's eager forward (hidden states or heads);
-        `max_graphs`: graphs kept (two per image being denoised: guided and unguided steps)."""
+    def __init__(self, forward: Forward, cache: KVCache, device: torch.device, max_graphs: int = 24,
+                 capture: Capture | None = None, new_pool: Callable[[], tuple] = torch.cuda.graph_pool_handle):
+        """`forward(hidden, layout)`: the stage's eager forward (hidden states or heads).
+        `max_graphs`: graphs kept; calls with new keys beyond that run eagerly (an image needs
+        one or two graphs per stage in process, one per CFG branch when branches travel as
+        separate micro-batches: 24 covers 8 concurrent edits). `capture` (default
+        `CudaCapture`) and `new_pool` are replaceable for tests."""
         self.forward, self.cache, self.device, self.max_graphs = forward, cache, device, max_graphs
-        self.capture, self.new_pool = capture, new_pool
+        self.capture, self.new_pool = capture or CudaCapture(), new_pool
         self._pool: tuple | None = None  # memory pool of the live graphs
-        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._graphs: dict[tuple, _Graph] = {}
         self._seen: set[tuple] = set()  # keys run once eagerly (which warms up their kernels)
-        self.enabled = True  # off after a capture failed: every call runs eagerly
+        self.enabled = True  # off after a capture failed other than for memory
 
     @staticmethod
     def accepts(segments: list[Segment]) -> bool:
@@ -83,17 +93,11 @@ class DenoiseGraphs:
             del self._graphs[key]  # a context's cache was replaced since the capture: start over
             self._seen.discard(key)
             graph = None
+        if graph is None and key in self._seen and self.enabled and len(self._graphs) < self.max_graphs:
+            graph = self._capture(key, segments, hidden)
         if graph is None:
-            if key not in self._seen or not self.enabled:
-                self._seen.add(key)
-                return self.forward(hidden, PackedLayout.build(segments, self.device))
-            try:
-                graph = self._capture(key, segments, hidden)
-            except RuntimeError as e:
-                warnings.warn(f"denoising graph capture failed, running eagerly from now on: {e}")
-                self.enabled = False
-                return self.forward(hidden, PackedLayout.build(segments, self.device))
-        self._graphs.move_to_end(key)
+            self._seen.add(key)
+            return self.forward(hidden, PackedLayout.build(segments, self.device))
         graph.hidden.copy_(hidden)
         graph.replay()
         out = graph.outputs
@@ -109,15 +113,22 @@ class DenoiseGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def _capture(self, key: tuple, segments: list[Segment], hidden: Tensor) -> _Graph:
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)
+    def _capture(self, key: tuple, segments: list[Segment], hidden: Tensor) -> _Graph | None:
+        """A new graph for this call, or None where capture failed (then the call runs eagerly:
+        an out-of-memory only this time, anything else from now on)."""
         if not self._graphs:  # a pool cannot be captured into again once its graphs are gone
             self._pool = self.new_pool()
         static = hidden.clone()
         layout = PackedLayout.build(segments, self.device)
         kv = self._kv(segments)
-        replay, outputs = self.capture(lambda: self.forward(static, layout), self._pool)
+        try:
+            replay, outputs = self.capture(lambda: self.forward(static, layout), self._pool)
+        except torch.OutOfMemoryError:
+            return None
+        except RuntimeError as e:
+            warnings.warn(f"denoising graph capture failed, running eagerly from now on: {e}")
+            self.enabled = False
+            return None
         graph = self._graphs[key] = _Graph(replay, static, outputs, layout, kv)
         return graph
 

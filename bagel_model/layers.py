@@ -63,6 +63,7 @@ class FusedLinear:
 
 def add_linear_(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
     """residual += linear(x) in place, as one GEMM that adds in its epilogue (bias-free linear)."""
+    assert linear.bias is None, "add_linear_ takes bias-free linears"
     return residual.addmm_(x, linear.weight.t())
 
 

@@ -110,7 +110,8 @@ class LocalExecutor:
 
     def denoise(self, segments: list[Segment], step: EulerStep) -> StepOutput:
         x = segments[0].latents.to(self.device, torch.float32)
-        differences = self._differences.setdefault(segments[0].context_id, {})
+        refresh = step.params.cfg_refresh_interval > 1
+        differences = self._differences.setdefault(segments[0].context_id, {}) if refresh else {}
         return step.apply(x, self._run(segments), differences)
 
     def fork(self, src: str, dst: str) -> None:
