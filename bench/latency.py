@@ -79,11 +79,11 @@ class Timed:
         return getattr(self.inner, name)
 
 
-def build(checkpoint: str | None, device: str, graphs: bool) -> LocalExecutor:
+def build(checkpoint: str | None, device: str, graphs: bool | None) -> LocalExecutor:
+    """`graphs`: None is the executor's default (on for CUDA)."""
     if checkpoint:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        base = LocalExecutor.from_checkpoint(checkpoint, device=device, dtype=dtype)
-        return LocalExecutor(base.config, base.tokenizer, base.stages, base.vision, base.vae, graphs=graphs)
+        return LocalExecutor.from_checkpoint(checkpoint, device=device, dtype=dtype, graphs=graphs)
     config = BagelConfig()
     stage = random_module(lambda: BagelStage(config, full_model(config.llm.num_hidden_layers)), device, torch.bfloat16, 0)
     vision = random_module(lambda: VisionEncoder(config), device, torch.bfloat16, 1)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         compile_elementwise()
     t = time.perf_counter()
-    executor = Timed(build(args.checkpoint, args.device, graphs=args.device == "cuda" and not args.no_graphs))
+    executor = Timed(build(args.checkpoint, args.device, graphs=False if args.no_graphs else None))
     exact = {}
     if args.fp8 or args.cfg_refresh_interval > 1:  # exact outputs first (noise seed 0)
         jobs = {"t2i": t2i_job, "edit": edit_job}

@@ -84,8 +84,10 @@ class LocalExecutor:
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, *, num_stages: int = 1,
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                        vae_dtype: torch.dtype = torch.float32, fp8: bool = False) -> LocalExecutor:
-        """`fp8`: APPROXIMATE FP8 GEMMs in the generation expert's MLP (bagel_model/fp8.py)."""
+                        vae_dtype: torch.dtype = torch.float32, fp8: bool = False,
+                        graphs: bool | None = None) -> LocalExecutor:
+        """`fp8`: APPROXIMATE FP8 GEMMs in the generation expert's MLP (bagel_model/fp8.py);
+        `graphs`: as in the constructor."""
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         tokenizer = BagelTokenizer.from_dir(checkpoint_dir)
         specs = split_layers(config.llm.num_hidden_layers, num_stages)
@@ -94,7 +96,7 @@ class LocalExecutor:
             stages = [quantize_gen_mlp(s) for s in stages]
         vision = load_vision_encoder(checkpoint_dir, config, device=device, dtype=dtype)
         vae = load_vae(checkpoint_dir, config, device=device, dtype=vae_dtype)
-        return cls(config, tokenizer, stages, vision, vae)
+        return cls(config, tokenizer, stages, vision, vae, graphs=graphs)
 
     def _run(self, segments: list[Segment]) -> list[Tensor | None]:
         out = None

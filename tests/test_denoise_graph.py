@@ -77,7 +77,7 @@ def test_generation_with_graphs_equals_plain(pair, task):
         assert len(runner.denoise_graphs) == 0 and not runner.denoise_graphs._seen
 
 
-def test_recapture_after_cache_change_and_lru(checkpoint_dir):
+def test_recapture_after_cache_change_and_graph_limit(checkpoint_dir):
     base = LocalExecutor.from_checkpoint(checkpoint_dir, dtype=torch.float32)
     runner, recorder = base.runners[0], Recorder()
     graphs = runner.denoise_graphs = DenoiseGraphs(runner._forward, runner.cache, runner.device, max_graphs=2,
