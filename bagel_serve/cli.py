@@ -271,7 +271,7 @@ def load_model(args: argparse.Namespace, image_params=None) -> Model:
     from bagel_model.config import BagelConfig
     from bagel_model.demo import DEMO_LABEL
     from bagel_model.errors import InvalidRequest
-    from pipelines.executor import LocalExecutor
+    from pipelines.local import LocalExecutor
 
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

@@ -33,7 +33,7 @@ from bagel_model.vae import AutoEncoder
 from bagel_model.vit import VisionEncoder
 from bench.provenance import commit, write_report
 from pipelines.context import Session
-from pipelines.executor import LocalExecutor
+from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
 from pipelines.params import EDIT_DEFAULTS, ImageParams, TextParams
 from pipelines.tasks import generate_image, understand

@@ -19,10 +19,9 @@ from torch import Tensor
 from bagel_model.config import BagelConfig
 from bagel_model.segments import Segment
 from bagel_model.tokenizer import BagelTokenizer
-from pipelines.sampler import EulerStep, StepOutput
+from pipelines.step import EulerStep, StepOutput, StepPart
 
 from .stage_group import StageGroup
-from .stage_worker import StepUpdate
 
 
 class ClusterExecutor:
@@ -45,12 +44,15 @@ class ClusterExecutor:
         """Submit the step, then wait for the previous one; the final step waits for itself and
         returns the latents."""
         key, x0 = segments[0].context_id, segments[0].latents
-        batches = [[s] for s in segments] if self.split_branches and len(segments) > 1 else [segments]
+        if self.split_branches:
+            batches = [([s], (b,)) for s, b in zip(segments, step.run, strict=True)]
+        else:
+            batches = [(segments, step.run)]
         previous = self._in_flight.pop(key, None)
         # Several stages: the first embeds what the last returned for the previous step.
-        latents = previous[-1][1] if previous and x0 is None and len(self.stages.workers) > 1 else None
-        submitted = [self.stages.submit(b, StepUpdate(key, step, x0 if i == 0 else None),
-                                        latents) for i, b in enumerate(batches)]
+        latents = previous[-1][1] if previous and len(self.stages.workers) > 1 else None
+        submitted = [self.stages.submit(b, StepPart(key, step, branches, x0 if i == 0 else None), latents)
+                     for i, (b, branches) in enumerate(batches)]
         self._in_flight[key] = submitted
         if previous:
             self.stages.wait(previous)

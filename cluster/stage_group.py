@@ -21,8 +21,9 @@ from torch import Tensor
 
 from bagel_model.segments import Segment
 from bagel_model.stage import split_layers
+from pipelines.step import StepPart
 
-from .stage_worker import StepUpdate, StageWorker
+from .stage_worker import StageWorker
 
 
 def _latents_in(segments: list[Segment], dtype: torch.dtype) -> list[Segment]:
@@ -78,10 +79,10 @@ class StageGroup:
             self.device).uuid)) for w in self.workers])
         return "cuda_ipc" if len(set(gpus)) < len(gpus) else "nccl"
 
-    def submit(self, segments: list[Segment], update: StepUpdate | None = None,
+    def submit(self, segments: list[Segment], part: StepPart | None = None,
                latents: ray.ObjectRef | None = None) -> tuple[int, ray.ObjectRef]:
         """Start one micro-batch through every stage; returns its id and the last stage's result.
-        `update` goes to the first and last stage of a denoising step's micro-batches; `latents`
+        `part` goes to the first and last stage of a denoising step's micro-batches; `latents`
         (the last stage's result of the image's previous step) to the first stage."""
         metadata = [s.metadata() for s in segments]
         segments = _latents_in(segments, self.dtype)
@@ -92,7 +93,7 @@ class StageGroup:
             for worker, spec in zip(self.workers, self.specs):
                 ends = spec.is_first or spec.is_last
                 ref = worker.run.remote(microbatch, segments if spec.is_first else metadata, ref, finished,
-                                        update if ends else None, latents if spec.is_first else None)
+                                        part if ends else None, latents if spec.is_first else None)
         return microbatch, ref
 
     def wait(self, submitted: list[tuple[int, ray.ObjectRef]]) -> list:

@@ -6,11 +6,12 @@ micro-batch: the first stage embeds the segments, the others receive hidden stat
 previous stage; the last stage returns per-segment outputs (logits) on the CPU, the others send
 hidden states on.
 
-Denoising steps keep the sampler's state on the last stage: a `StepUpdate` travels with every
-micro-batch of a step, and when the step's last branch is through, the last stage applies the
-`EulerStep` to the image's latents (float32, on its device). It returns them only when the first
-stage is another process (which embeds them next step) or the step is the final one, so with one
-stage the latents never leave the GPU and steps can be queued back to back.
+Denoising steps keep the sampler's state on the last stage, in a `SamplerStates`
+(pipelines/step.py): a `StepPart` travels with every micro-batch of a step, and when the step's
+last branch is through, the last stage applies the `EulerStep` to the image's latents (float32,
+on its device). It returns them only when the first stage is another process (which embeds them
+next step) or the step is the final one, so with one stage the latents never leave the GPU and
+steps can be queued back to back.
 Actor calls execute in submission order, which keeps every stage on the same micro-batch order.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -33,19 +34,10 @@ from bagel_model.runner import StageRunner
 from bagel_model.segments import Segment, SegmentKind
 from bagel_model.stage import StageSpec
 from bagel_model.tokenizer import BagelTokenizer
-from pipelines.sampler import EulerStep
+from pipelines.step import SamplerStates, StepPart
 
 from .devices import resolve_device
 from .transport import Handle, Transport
-
-
-@dataclass(frozen=True)
-class StepUpdate:
-    """Travels with each micro-batch of a denoising step (to the first and last stage)."""
-
-    key: str  # the image's latent state: its COND context id
-    step: EulerStep
-    x0: Tensor | None = None  # the first step's initial noise (float32), with one micro-batch
 
 
 class StageWorker:
@@ -68,9 +60,7 @@ class StageWorker:
             quantize_gen_mlp(model)
         self.runner = StageRunner(model, (tokenizer.vision_start_id, tokenizer.vision_end_id))
         self.transport: Transport | None = None
-        self.latents: dict[str, Tensor] = {}  # last stage: sampler state per image (float32)
-        self._differences: dict[str, dict] = {}  # last stage: per image, see EulerStep.apply
-        self._velocities: dict[str, list[Tensor]] = {}  # last stage: branches of the current step
+        self.samplers = SamplerStates(self.device)  # last stage: the images being denoised
         self.busy_s = 0.0  # time spent computing micro-batches (not waiting for the previous stage)
 
     def rendezvous_address(self) -> str:
@@ -87,60 +77,52 @@ class StageWorker:
 
     @torch.inference_mode()
     def run(self, microbatch: int, segments: list[Segment], upstream: Handle | None, released: list[int],
-            update: StepUpdate | None = None, latents: Tensor | None = None) -> Handle | list | Tensor | None:
-        """`update`: this micro-batch belongs to a denoising step; `latents`: the image's latents
-        for noise segments without any (sent by the last stage when it is another process)."""
+            part: StepPart | None = None, latents: Tensor | None = None) -> Handle | list | Tensor | None:
+        """`part`: this micro-batch computes these branches of a denoising step; `latents`: the
+        image's latents for noise segments without any (sent by the last stage when it is
+        another process)."""
         self.transport.release(released)
         hidden = None if self.spec.is_first else self.transport.recv(upstream)
         start = time.perf_counter()
         try:
-            if self.spec.is_first and update is not None:
-                segments = self._with_latents(segments, update, latents)
+            if self.spec.is_first and part is not None:
+                segments = self._with_latents(segments, part, latents)
             out = self.runner.run(segments, hidden)
             if not self.spec.is_last:
                 return self.transport.send(out, microbatch)
-            if update is not None:
-                return self._step(update, out)
+            if part is not None:
+                return self._step(part, out)
             return [None if o is None else o.cpu() for o in out]
         finally:
             self.busy_s += time.perf_counter() - start
 
-    def _with_latents(self, segments: list[Segment], update: StepUpdate, latents: Tensor | None) -> list[Segment]:
-        if latents is None and update.key in self.latents:  # one stage: the state lives here
-            latents = self.latents[update.key]
+    def _with_latents(self, segments: list[Segment], part: StepPart, latents: Tensor | None) -> list[Segment]:
+        if self.spec.is_last:  # one stage: the state lives here
+            return self.samplers.fill([part], segments)
         return [replace(s, latents=latents) if s.kind is SegmentKind.NOISE and s.latents is None else s
                 for s in segments]
 
-    def _step(self, update: StepUpdate, velocities: list[Tensor]) -> Tensor | None:
-        """Collect the step's velocities; after its last branch, move the image's latents."""
-        if update.x0 is not None:
-            self.latents[update.key] = update.x0.to(self.device, torch.float32)
-        collected = self._velocities.setdefault(update.key, [])
-        collected += velocities
-        if len(collected) < len(update.step.run):
+    def _step(self, part: StepPart, velocities: list[Tensor]) -> Tensor | None:
+        """Collect the part's velocities; after the step's last branch, the image's latents
+        where they must go."""
+        out = self.samplers.collect([part], velocities).get(part.key)
+        if out is None:
             return None
-        del self._velocities[update.key]
-        differences = self._differences.setdefault(update.key, {})
-        x = update.step.apply(self.latents[update.key], collected, differences).x
-        if update.step.final:
-            del self.latents[update.key], self._differences[update.key]
-            return x.cpu()
-        self.latents[update.key] = x
-        return None if self.spec.is_first else x.to(self.runner.stage.dtype).cpu()
+        if part.step.final:
+            return out.x.cpu()
+        return None if self.spec.is_first else out.x.to(self.runner.stage.dtype).cpu()
 
     def fork(self, src: str, dst: str) -> None:
         self.runner.fork(src, dst)
 
     def free(self, context_ids: list[str]) -> None:
         self.runner.free(context_ids)
-        for key in context_ids:
-            for state in (self.latents, self._velocities, self._differences):
-                state.pop(key, None)
+        self.samplers.free(context_ids)
 
     def stats(self) -> dict:
         memory = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
         contexts = self.runner.cache.context_ids()
         return {"stage": self.spec.index, "layers": [self.spec.layers.start, self.spec.layers.stop],
                 "live_contexts": len(contexts), "context_ids": contexts,
-                "kv_bytes": self.runner.cache.nbytes(), "latent_states": sorted(self.latents), "gpu_memory_bytes": memory, "pid": os.getpid(),
+                "kv_bytes": self.runner.cache.nbytes(), "latent_states": self.samplers.keys(), "gpu_memory_bytes": memory, "pid": os.getpid(),
                 "busy_s": self.busy_s}

@@ -23,7 +23,8 @@ from .executor import Executor
 from .guidance import Branch
 from .noise import NoiseSource
 from .params import ImageParams, TextParams
-from .sampler import StepProgress, sample_image
+from .sampler import sample_image
+from .step import StepProgress
 from .text import TextStream, generate_text
 
 Item = str | Image.Image

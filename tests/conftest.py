@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.executor import LocalExecutor
+from pipelines.local import LocalExecutor
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = Path(os.environ.get("BAGEL_FIXTURE", REPO.parent / "shared" / "fixtures" / "bagel-tiny")).resolve()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from bagel_model.segments import Segment
-from pipelines.executor import LocalExecutor
+from pipelines.local import LocalExecutor
 
 
 class RecordingExecutor:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.executor import LocalExecutor
+from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
 from pipelines.params import ImageParams, TextParams
 from pipelines.tasks import generate_image, understand

@@ -28,7 +28,7 @@ from bagel_model.model import BagelStage
 from bagel_model.stage import split_layers
 from bagel_model.tokenizer import BagelTokenizer
 from bagel_model.vae import AutoEncoder, VAEConfig
-from pipelines.executor import LocalExecutor
+from pipelines.local import LocalExecutor
 
 from .conftest import FIXTURE
 

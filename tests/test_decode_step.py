@@ -14,7 +14,7 @@ import torch
 from bagel_model.kv_cache import MIN_CAPACITY
 from bagel_model.segments import Segment
 from pipelines.context import Session
-from pipelines.executor import LocalExecutor
+from pipelines.local import LocalExecutor
 from pipelines.params import TextParams
 from pipelines.tasks import understand
 

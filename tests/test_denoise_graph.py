@@ -17,7 +17,7 @@ from PIL import Image
 
 from bagel_model.denoise_graph import DenoiseGraphs
 from bagel_model.segments import Segment
-from pipelines.executor import LocalExecutor
+from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
 from pipelines.params import EDIT_DEFAULTS, ImageParams
 from pipelines.tasks import generate_image

@@ -12,7 +12,7 @@ import torch
 
 from bagel_model.fp8 import FP8_MAX, Fp8SwiGLU, quantize_rows
 from bagel_model.layers import SwiGLU
-from pipelines.executor import LocalExecutor
+from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
 from pipelines.params import ImageParams
 from pipelines.tasks import generate_image

@@ -14,6 +14,7 @@ import torch
 from pipelines.guidance import Branch, branches_for_step, combine
 from pipelines.params import ImageParams
 from pipelines.schedule import cfg_active, timesteps
+from pipelines.step import SamplerStates, StepPart
 
 TOKENS, CHANNELS = 12, 64
 
@@ -184,12 +185,12 @@ def test_schedule_fixture_values():
 # -- the approximate guidance refresh (cfg_refresh_interval > 1) ----------------------------------
 
 class AnalyticExecutor:
-    """Velocities in closed form per (branch, x, t); applies each step as the real executors do
-    (the step's differences kept per image)."""
+    """Velocities in closed form per (branch, x, t), the image's state kept and each step
+    applied by `SamplerStates`, as in the real executors."""
 
     def __init__(self):
         self.calls: list[tuple[str, ...]] = []
-        self.differences: dict[str, dict] = {}
+        self.samplers = SamplerStates("cpu")
 
     @staticmethod
     def velocity(branch: str, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -197,10 +198,12 @@ class AnalyticExecutor:
         return torch.sin(w * x + t) + w * x
 
     def denoise(self, segments, step):
-        x = segments[0].latents.float()
+        key = segments[0].context_id
+        parts = [StepPart(key, step, step.run, x0=segments[0].latents)]
+        segments = self.samplers.fill(parts, segments)
         self.calls.append(tuple(s.context_id for s in segments))
-        velocities = [self.velocity(s.context_id, x, s.t) for s in segments]
-        return step.apply(x, velocities, self.differences.setdefault(segments[0].context_id, {}))
+        velocities = [self.velocity(s.context_id, s.latents, s.t) for s in segments]
+        return self.samplers.collect(parts, velocities)[key]
 
 
 def reference_refresh_sampler(x: torch.Tensor, params: ImageParams) -> tuple[torch.Tensor, list[int]]:

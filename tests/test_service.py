@@ -26,7 +26,7 @@ from PIL import Image
 from bagel_model.demo import demo_config, demo_tokenizer, write_checkpoint
 from bagel_model.transforms import open_image
 from cluster.api import ImageOutput, ImageTask, TextOutput, TextTask
-from pipelines.executor import LocalExecutor
+from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
 from pipelines.params import EDIT_DEFAULTS, ImageParams, TextParams
 from pipelines.tasks import ImageResult, TextResult, generate_image, understand

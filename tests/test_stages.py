@@ -18,7 +18,7 @@ from PIL import Image
 
 from bagel_model.demo import demo_config, demo_tokenizer, write_checkpoint
 from bagel_model.segments import Segment
-from pipelines.executor import LocalExecutor
+from pipelines.local import LocalExecutor
 from pipelines.guidance import Branch
 from pipelines.noise import NoiseSource
 from pipelines.params import EDIT_DEFAULTS, ImageParams, TextParams
