@@ -29,9 +29,8 @@ class Admission:
 
     async def enter(self, kv_bytes: int) -> None:
         if self.in_system >= self.limit:
-            error = Overloaded(f"server busy: {self.in_system} requests in flight or queued; retry later")
-            error.retry_after_s = self.retry_after_s
-            raise error
+            raise Overloaded(f"server busy: {self.in_system} requests in flight or queued; retry later",
+                             retry_after_s=self.retry_after_s)
         if self.kv_budget is not None and kv_bytes > self.kv_budget:
             raise InvalidRequest(f"the request needs ~{kv_bytes} bytes of KV cache per stage; "
                                  f"the service has {self.kv_budget}: use fewer or smaller images or tokens")

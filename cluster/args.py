@@ -46,6 +46,10 @@ class AppArgs(BaseModel):
     max_concurrent_requests: int = Field(8, ge=1, description="requests worked on at once")
     max_queued_requests: int = Field(32, ge=0, description="requests waiting beyond that; more get 429")
     retry_after_s: int = Field(2, ge=1)
+    stage_rebuild_tries: int = Field(5, ge=1, description="attempts to rebuild the stage workers after one died; "
+                                     "then /health says failed and Serve replaces the replica")
+    stage_rebuild_backoff_s: float = Field(2.0, gt=0, description="wait after the first failed rebuild; doubles "
+                                           "after each further one (at most 60 s)")
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queueing included (504 after)")
     kv_cache_bytes: int | None = Field(None, gt=0, description="KV-cache budget per stage; requests wait for room (null: no limit)")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1/* ($BAGEL_API_KEY)")

@@ -1,19 +1,28 @@
-"""One table from exception to HTTP status and OpenAI error type."""
+"""The service's typed errors, and one table from exception to HTTP status and OpenAI error type."""
 from __future__ import annotations
 
 from bagel_model.errors import BagelError, CheckpointError, InvalidRequest
 
 
-class Overloaded(BagelError):
-    """Too many requests in flight and queued: retry later."""
+class RetryLater(BagelError):
+    """The service cannot take the request now; the client may retry after `retry_after_s`
+    seconds (HTTP Retry-After; None: no advice)."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Overloaded(RetryLater):
+    """Too many requests in flight and queued."""
+
+
+class StageFailed(RetryLater):
+    """A worker process failed while serving the request (or the workers are being replaced)."""
 
 
 class Cancelled(BagelError):
     """The client went away or the request was cancelled."""
-
-
-class StageFailed(BagelError):
-    """A worker process failed while serving the request (or the workers are being replaced)."""
 
 
 class DeadlineExceeded(BagelError):
@@ -43,5 +52,7 @@ def status_of(error: Exception) -> tuple[int, str]:
     return 500, "server_error"
 
 
-def error_body(message: str, kind: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def describe(error: BaseException) -> str:
+    """'Type: first line of the message', for logs and error messages."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -1,0 +1,242 @@
+"""`BagelService`: the request lifecycle behind the HTTP routes and the Ray handle methods.
+
+It owns the pipeline's stage group (through a `StageSupervisor`, which replaces the group when a
+worker dies) and runs the `pipelines/` algorithms through a `ClusterExecutor`, one worker thread
+per request in flight (a `Job`). Requests beyond `max_concurrent_requests` wait in a bounded
+queue; beyond that they get `Overloaded`. A cancelled request stops at its next step; its contexts
+are freed on every stage whatever way it ends. Each request is logged through the `ray.serve`
+logger with its id: admitted, then finished (outcome, latency) or failed (error).
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ray
+
+from bagel_model.config import BagelConfig
+from bagel_model.demo import DEMO_LABEL, checkpoint_or_demo, is_demo_checkpoint
+from bagel_model.errors import BagelError, InvalidRequest
+from bagel_model.tokenizer import BagelTokenizer
+from pipelines.noise import NoiseSource
+from pipelines.tasks import generate_image, understand
+
+from .admission import Admission, kv_bytes_estimate
+from .api import ImageOutput, ImageTask, TextOutput, TextTask
+from .args import AppArgs
+from .devices import resolve_dtype
+from .errors import Cancelled, StageFailed, describe
+from .executor import ClusterExecutor
+from .jobs import Job, cancel_all
+from .metrics import Metrics
+from .protocol import decode_image
+from .stage_group import StageGroup
+from .supervisor import StageSupervisor
+
+log = logging.getLogger("ray.serve")
+
+
+class BagelService:
+    def __init__(self, args: AppArgs, encoder, decoder, make_stages: Callable[[], StageGroup] | None = None):
+        """`make_stages` builds the stage group (default: from `args`; tests inject their own)."""
+        self.args, self.limits = args, args.limits
+        self.checkpoint = str(checkpoint_or_demo(args.checkpoint_dir))
+        self.is_demo = is_demo_checkpoint(self.checkpoint)
+        self.model_name = args.model_name or ("bagel-demo" if self.is_demo else Path(self.checkpoint).name)
+        self.config = BagelConfig.from_checkpoint_dir(self.checkpoint)
+        self.tokenizer = BagelTokenizer.from_dir(self.checkpoint)
+        self.device = args.device if args.device != "auto" else ("cuda" if args.gpus_per_stage > 0 else "cpu")
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        self.supervisor = StageSupervisor(make_stages or self._make_stages, max_tries=args.stage_rebuild_tries,
+                                          backoff_s=args.stage_rebuild_backoff_s, on_replaced=self._use_stages)
+        self.executor = ClusterExecutor(self.config, self.tokenizer, self.stages, encoder, decoder,
+                                        args.split_branches)
+        self.pool = ThreadPoolExecutor(args.max_concurrent_requests, thread_name_prefix="request")
+        self.admission = Admission(args.max_concurrent_requests, args.max_queued_requests,
+                                   args.kv_cache_bytes, args.retry_after_s)
+        self.metrics = Metrics()
+        self.completed = 0
+
+    @property
+    def stages(self) -> StageGroup:
+        return self.supervisor.group
+
+    def _make_stages(self) -> StageGroup:
+        a = self.args
+        return StageGroup(self.checkpoint, self.config.llm.num_hidden_layers, a.num_stages, device=self.device,
+                          dtype=self.dtype, gpus_per_stage=a.gpus_per_stage, memory_fraction=a.stage_memory_fraction,
+                          transport=a.transport, layer_sizes=a.layer_sizes, random_weights=a.random_weights,
+                          compile=a.compile, fp8=a.fp8)
+
+    def _use_stages(self, group: StageGroup) -> None:
+        self.executor.stages = group
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def generate(self, task: ImageTask) -> ImageOutput:
+        """Generate one image (text-to-image, editing, interleaved inputs)."""
+        [job] = await self.start_images(task, 1)
+        return await job.result()
+
+    async def understand(self, task: TextTask) -> TextOutput:
+        """Answer about text and images."""
+        return await (await self.start_text(task)).result()
+
+    async def start_images(self, task: ImageTask, n: int) -> list[Job]:
+        """Check the parameters, then admit and queue `n` images (seeds seed, seed + 1, ...).
+        Raises before any work starts, also for a request that will be streamed."""
+        task.params.validate(self.config.max_image_side, self.config.latent_downsample)
+        task.text_params.validate()
+        jobs: list[Job] = []
+        try:
+            for i in range(n):
+                jobs.append(await self._start("image", self._image_work, _with_seed(task, i)))
+        except BaseException:
+            cancel_all(jobs)
+            raise
+        return jobs
+
+    async def start_text(self, task: TextTask) -> Job:
+        task.params.validate(self.limits.max_new_tokens)
+        return await self._start("text", self._text_work, task)
+
+    async def _start(self, kind: str, work: Callable, task: ImageTask | TextTask) -> Job:
+        """Admit the request (or raise Overloaded), then queue it for a worker thread."""
+        self._check_stages()
+        job = Job(secrets.token_hex(12), self.args.request_timeout_s)
+        layers = max(len(s.layers) for s in self.stages.specs)
+        kv_bytes = kv_bytes_estimate(task, self.config, self.tokenizer, layers, self.dtype.itemsize,
+                                     self.limits.max_prompt_tokens)
+        try:
+            await self.admission.enter(kv_bytes)
+        except BagelError as e:
+            log.info("request %s (%s) refused: %s", job.request_id, kind, describe(e))
+            raise
+        log.info("request %s (%s) admitted: %d in the system, ~%d KV bytes per stage", job.request_id, kind,
+                 self.admission.in_system, kv_bytes)
+        job.submit(self.pool, lambda: self._run(job, kind, work, task, kv_bytes))
+        return job
+
+    def _check_stages(self) -> None:
+        state = self.supervisor.state
+        if state == "restarting":
+            raise StageFailed("the MoT stage workers are restarting after a failure; retry shortly",
+                              retry_after_s=self.args.retry_after_s)
+        if state == "failed":
+            raise StageFailed(f"{self.supervisor.error}; this replica is being replaced",
+                              retry_after_s=self.args.retry_after_s)
+
+    def _run(self, job: Job, kind: str, work: Callable, task, kv_bytes: int):
+        """The request on its worker thread, from leaving the queue to its result."""
+        outcome, error = "error", None
+        try:
+            job.emit({"type": "started", "queue_s": time.monotonic() - job.created})
+            result = work(task, job)
+            outcome = "ok"
+            return result
+        except ray.exceptions.RayError as e:
+            self.supervisor.stage_failed(e)
+            error = StageFailed(f"a worker failed: {describe(e)}")
+            raise error from None
+        except BagelError as e:
+            outcome, error = type(e).__name__, e
+            raise
+        except Exception as e:
+            error = e
+            raise
+        finally:
+            latency_s = time.monotonic() - job.created
+            _log_end(job, kind, latency_s, error)
+            job.loop.call_soon_threadsafe(self._done, kind, outcome, latency_s, kv_bytes)
+
+    def _done(self, kind: str, outcome: str, latency_s: float, kv_bytes: int) -> None:
+        self.completed += 1
+        self.metrics.request(kind, outcome, latency_s)
+        asyncio.ensure_future(self.admission.leave(kv_bytes))
+
+    def _image_work(self, task: ImageTask, job: Job) -> ImageOutput:
+        seed = task.seed if task.seed is not None else secrets.randbelow(2**31)
+        result = generate_image(
+            self.executor, self._decoded(task.items), task.params, think=task.think, text_params=task.text_params,
+            noise=NoiseSource(seed),
+            on_step=lambda p: job.emit({"type": "progress", "step": p.step, "num_steps": p.num_steps}),
+            on_text=lambda delta: job.emit({"type": "thought", "delta": delta}),
+        )
+        buf = io.BytesIO()
+        result.image.save(buf, format="PNG", compress_level=1)  # lossless; level 6 costs ~0.1 s more at 1024^2
+        thought = result.thought.text if result.thought else None
+        return ImageOutput(buf.getvalue(), result.image.width, result.image.height, seed, thought)
+
+    def _text_work(self, task: TextTask, job: Job) -> TextOutput:
+        result = understand(self.executor, self._decoded(task.items), task.params, think=task.think, seed=task.seed,
+                            on_text=lambda delta: job.emit({"type": "text", "delta": delta}))
+        finish = "length" if len(result.token_ids) >= task.params.max_new_tokens else "stop"
+        return TextOutput(result.text, len(result.token_ids), finish)
+
+    def _decoded(self, items: list) -> list:
+        """Items with encoded image bytes opened as images, under the configured limits (handle
+        callers send bytes; HTTP requests arrive decoded and checked)."""
+        return [decode_image(i, self.limits) if isinstance(i, bytes) else i for i in items]
+
+    # -- state ------------------------------------------------------------------------------
+
+    async def stats(self) -> dict:
+        stages = await asyncio.to_thread(self.stages.broadcast, "stats")
+        for name, key in (("live_kv_contexts", "live_contexts"), ("kv_bytes", "kv_bytes"),
+                          ("gpu_memory_bytes", "gpu_memory_bytes")):
+            self.metrics.set(name, sum(s[key] or 0 for s in stages))
+        self.metrics.set("queue_depth", self.admission.in_system)
+        return {"requests_in_system": self.admission.in_system, "requests_completed": self.completed,
+                "kv_reserved_bytes": self.admission.kv_reserved, "stages": stages}
+
+    async def health(self) -> tuple[int, dict]:
+        """(HTTP status, body): 200 "ok" with the stages' stats; 503 "degraded" while the stage
+        workers are unreachable or being replaced; 503 "failed" once they cannot be rebuilt."""
+        base = {"model": self.model_name, "demo": self.is_demo, "notice": DEMO_LABEL if self.is_demo else None,
+                "approximate": ["fp8"] if self.args.fp8 else []}
+        if self.supervisor.state == "failed":
+            return 503, {**base, "status": "failed", "error": self.supervisor.error}
+        if self.supervisor.state == "restarting":
+            return 503, {**base, "status": "degraded", "error": "stage workers restarting"}
+        try:
+            stats = await asyncio.wait_for(self.stats(), timeout=10)
+        except Exception as e:  # a dead or hung worker makes the service degraded until replaced
+            if isinstance(e, ray.exceptions.RayError):
+                self.supervisor.stage_failed(e)
+            return 503, {**base, "status": "degraded", "error": f"{type(e).__name__}: {e}"}
+        return 200, {**base, "status": "ok", **stats}
+
+    def check_health(self) -> None:
+        """Raises once the stage workers cannot be rebuilt, so that Serve replaces the replica."""
+        if self.supervisor.state == "failed":
+            raise StageFailed(self.supervisor.error)
+
+    async def metrics_text(self) -> str:
+        """Prometheus text, with the stage gauges refreshed when the stages answer."""
+        if self.supervisor.state == "ok":
+            try:
+                await asyncio.wait_for(self.stats(), timeout=10)
+            except Exception:  # the gauges keep their last values; /health reports the failure
+                pass
+        return self.metrics.prometheus_text()
+
+
+def _with_seed(task: ImageTask, index: int) -> ImageTask:
+    seed = task.seed + index if task.seed is not None else None
+    return ImageTask(task.items, task.params, task.think, task.text_params, seed)
+
+
+def _log_end(job: Job, kind: str, latency_s: float, error: BaseException | None) -> None:
+    if error is None:
+        log.info("request %s (%s) finished: ok in %.2f s", job.request_id, kind, latency_s)
+    elif isinstance(error, (Cancelled, InvalidRequest)):
+        log.info("request %s (%s) ended after %.2f s: %s", job.request_id, kind, latency_s, describe(error))
+    else:
+        log.warning("request %s (%s) failed after %.2f s: %s", job.request_id, kind, latency_s, describe(error),
+                    exc_info=None if isinstance(error, BagelError) else error)
