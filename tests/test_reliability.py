@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -30,10 +31,19 @@ CAPACITY = 4  # max_concurrent_requests + max_queued_requests
 
 
 @pytest.fixture(scope="module")
-def app(ray_url, checkpoint_dir):
-    args = {"checkpoint_dir": str(checkpoint_dir), "num_stages": 2, "device": "cpu", "dtype": "float32",
+def checkpoint_copy(checkpoint_dir, tmp_path_factory) -> Path:
+    """The fixture checkpoint in a folder of the tests' own, whose weights a test may hide."""
+    copy = Path(shutil.copytree(checkpoint_dir, tmp_path_factory.mktemp("reliability") / checkpoint_dir.name))
+    copy.chmod(0o755)  # the fixture is read-only
+    return copy
+
+
+@pytest.fixture(scope="module")
+def app(ray_url, checkpoint_copy):
+    args = {"checkpoint_dir": str(checkpoint_copy), "num_stages": 2, "device": "cpu", "dtype": "float32",
             "max_concurrent_requests": 2, "max_queued_requests": 2, "request_timeout_s": 8,
             "api_key": KEY, "kv_cache_bytes": 250_000, "retry_after_s": 1,
+            "stage_rebuild_tries": 2, "stage_rebuild_backoff_s": 0.2,
             "limits": {"max_num_timesteps": 2000, "max_image_pixels": 4_000_000}}
     with running_app(ray_url, args), httpx.Client(base_url=ray_url, timeout=60, headers=AUTH) as client:
         yield client
@@ -180,6 +190,39 @@ def test_killed_stage_worker_fails_the_request_cleanly_and_recovers(app):
             break
         time.sleep(0.5)
     assert statuses[-1] == 200 and health(app)["stages"][1]["pid"] != pid
+    assert app.post("/v1/images/generations", json=t2i()).status_code == 200
+
+
+def test_stage_workers_that_cannot_be_rebuilt_get_the_replica_replaced(app, checkpoint_copy):
+    """A stage worker dies and its group cannot be rebuilt (the weights are gone): after
+    `stage_rebuild_tries` attempts /health says failed, requests get 503 with Retry-After, and the
+    ingress's check_health fails, so Serve replaces the replica, whose new stage group works."""
+    pids = [s["pid"] for s in health(app)["stages"]]
+    weights, hidden = checkpoint_copy / "ema.safetensors", checkpoint_copy / "ema.safetensors.hidden"
+    weights.rename(hidden)
+    try:
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 180  # each attempt starts stage processes: seconds each, more on a busy machine
+        while (r := app.get("/health")).json()["status"] != "failed":  # polling finds the dead worker
+            assert r.json()["status"] in ("ok", "degraded") and time.monotonic() < deadline, r.text
+            time.sleep(0.2)
+        assert r.status_code == 503 and "could not be rebuilt (2 attempts)" in r.json()["error"], r.text
+        refused = app.post("/v1/images/generations", json=t2i())
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+    finally:
+        hidden.rename(weights)
+    statuses, deadline = [], time.monotonic() + 180  # Serve checks replica health every 10 s, then starts a new one
+    while time.monotonic() < deadline:
+        try:
+            r = app.get("/health")
+            statuses.append(r.json().get("status"))
+            if r.status_code == 200:
+                break
+        except (httpx.TransportError, json.JSONDecodeError):
+            statuses.append("no answer")
+        time.sleep(0.5)
+    assert r.status_code == 200, statuses[-5:]
+    assert not {s["pid"] for s in health(app)["stages"]} & set(pids)
     assert app.post("/v1/images/generations", json=t2i()).status_code == 200
 
 
