@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,10 +43,14 @@ class FusedLinear:
         self.bias: Tensor | None = None
 
     def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x, *self.params())
+
+    def params(self) -> tuple[Tensor, Tensor | None]:
+        """The concatenated weight and bias (None for bias-free linears)."""
         first = self.linears[0].weight
         if self.weight is None or first.data_ptr() != self.weight.data_ptr() or first.device != self.weight.device:
             self._fuse()
-        return F.linear(x, self.weight, self.bias)
+        return self.weight, self.bias
 
     @torch.no_grad()
     def _fuse(self) -> None:
@@ -69,7 +74,9 @@ def add_linear_(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), no biases; gate and up run as one GEMM. With `residual`,
-    the output is added to it in place (`add_linear_`) and returned."""
+    the output is added to it in place (`add_linear_`) and returned. `fused`, when set
+    (`kernel_choice.use_kernels`), computes the same with GEMMs that fuse the SwiGLU and the
+    residual add into their epilogues, and may hand inputs back to `plain`."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -77,8 +84,12 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.gate_up = FusedLinear(self.gate_proj, self.up_proj)
+        self.fused: Callable[[SwiGLU, Tensor, Tensor | None], Tensor] | None = None
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self.plain(x, residual) if self.fused is None else self.fused(self, x, residual)
+
+    def plain(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         h = silu_mul(*self.gate_up(x).chunk(2, dim=-1))
         return self.down_proj(h) if residual is None else add_linear_(residual, h, self.down_proj)
 

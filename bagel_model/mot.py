@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .attention import attend, attend_slots
+from .attention import Attend, attend, attend_slots
 from .config import LLMConfig
 from .kv_cache import KVCache
 from . import layers
@@ -30,6 +30,7 @@ class MoTAttention(nn.Module):
             setattr(self, f"q_norm{suffix}", RMSNorm(hd, cfg.rms_norm_eps))
             setattr(self, f"k_norm{suffix}", RMSNorm(hd, cfg.rms_norm_eps))
         self.qkv = {s: FusedLinear(*(getattr(self, f"{n}_proj{s}") for n in "qkv")) for s in ("", "_moe_gen")}
+        self.attend: Attend = attend  # the stage's attention backend (`kernel_choice.use_kernels`)
 
     def qkv_rope(self, h: Tensor, cos: Tensor, sin: Tensor, gen: bool) -> tuple[Tensor, Tensor, Tensor]:
         """q [T, Hq, d] and k [T, Hkv, d] (qk-normed, rotated) and v [T, Hkv, d] of one expert;
@@ -50,7 +51,7 @@ class MoTAttention(nn.Module):
             k_seg, v_seg = k[rows], v[rows]
             past = cache.get(seg.context_id, layer)
             k_all, v_all = (k_seg, v_seg) if past is None else (torch.cat([past[0], k_seg]), torch.cat([past[1], v_seg]))
-            out[rows] = attend(q[rows], k_all, v_all, seg.causal)
+            out[rows] = self.attend(q[rows], k_all, v_all, seg.causal)
             if seg.updates_cache:
                 cache.append(seg.context_id, layer, k_seg, v_seg)
         return layout.route(out.flatten(1), lambda o, r: layers.add_linear_(r, o, self.o_proj),

@@ -5,9 +5,11 @@ stage (`--layers` layers) with random bf16 weights:
   compiled elementwise kernels, each against a float32 eager forward of the same weights, and
   the same forward captured as a CUDA graph and replayed twice against its eager run;
 - decoding: 32 teacher-forced steps of the CUDA-graph fast path (static K/V slots) against the
-  packed path, both bf16, and both against float32.
+  packed path, both bf16, and both against float32;
+- with --attention / --mlp (bagel_model/kernel_choice.py): the denoising forward with those
+  kernels on top of the compiled ones, against float32, and its graph replays.
 
-    python -m bench.check_fastpaths --out bench/results [--layers 4]
+    python -m bench.check_fastpaths --out bench/results [--layers 4] [--attention fa4 --mlp quack --site /tmp/site]
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from bagel_model.model import BagelStage
 from bagel_model.runner import StageRunner
 from bagel_model.segments import Segment
 from bagel_model.stage import StageSpec
+from bench.kernel_args import add_kernel_args, apply_kernel_args
 from bench.provenance import commit, write_report
 
 MARKERS = (151652, 151653)
@@ -56,6 +59,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--name", default="check_fastpaths")
+    add_kernel_args(p)
     args = p.parse_args()
     config = BagelConfig()
     stage = random_module(lambda: BagelStage(config, StageSpec(0, 1, range(args.layers))), "cuda", torch.bfloat16, 0)
@@ -84,7 +89,13 @@ def main() -> None:
                    "graph_vs_packed_bf16": deviation(graph_decode, packed_decode),
                    "argmax_agreement": (graph_decode.argmax(-1) == packed_decode.argmax(-1)).float().mean().item()},
     }
-    write_report(report, args.out, "check_fastpaths.json")
+    if (args.attention, args.mlp) != ("sdpa", "cublas"):
+        report["kernels_in_effect"] = apply_kernel_args(args, [stage])[0]
+        kernel_denoise, *replayed = denoise(stage, prompt, x, calls=3)
+        report["denoise"] |= {"kernels_bf16_vs_fp32": deviation(kernel_denoise, fp32_denoise),
+                              "kernels_vs_compiled_bf16": deviation(kernel_denoise, compiled_denoise),
+                              "graph_replays_vs_kernels_eager_bf16": [deviation(r, kernel_denoise) for r in replayed]}
+    write_report(report, args.out, f"{args.name}.json")
     print(json.dumps(report))
 
 

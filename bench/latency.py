@@ -31,6 +31,7 @@ from bagel_model.segments import Segment
 from bagel_model.stage import full_model
 from bagel_model.vae import AutoEncoder
 from bagel_model.vit import VisionEncoder
+from bench.kernel_args import add_kernel_args, apply_kernel_args
 from bench.provenance import commit, write_report
 from pipelines.context import Session
 from pipelines.local import LocalExecutor
@@ -150,22 +151,29 @@ def edit_job(args) -> tuple[list, ImageParams]:
     return [image, EDIT_INSTRUCTION], params
 
 
+def denoise_shapes(config: BagelConfig, tokenizer, task: str, size: int) -> tuple[int, list[int]]:
+    """The shapes of this benchmark's denoising forwards for `task` ("t2i" or "edit") at
+    size x size: the tokens of one branch's noise block (latents + 2 markers) and the cached
+    context length of each branch (COND, CFG_TEXT, and CFG_IMG for editing)."""
+    latent_tokens = (size // config.latent_downsample) ** 2 + 2
+    if task == "t2i":
+        return latent_tokens, [len(tokenizer.encode(PROMPT)) + 2, 0]
+    vw, vh = config.vit_transform.target_size(size, size)
+    image = latent_tokens + (vw // config.vit.patch_size) * (vh // config.vit.patch_size) + 2  # VAE + ViT tokens
+    prompt = len(tokenizer.encode(EDIT_INSTRUCTION)) + 2
+    return latent_tokens, [image + prompt, image, prompt]
+
+
 def bench_t2i(executor, args, exact=None) -> dict:
     items, params = t2i_job(args)
-    prompt = len(executor.tokenizer.encode(PROMPT)) + 2
-    tokens = (args.size // executor.config.latent_downsample) ** 2 + 2
-    return run_image(executor, items, params, args.repeats, args.warmup, tokens, [prompt, 0], exact)
+    tokens, contexts = denoise_shapes(executor.config, executor.tokenizer, "t2i", args.size)
+    return run_image(executor, items, params, args.repeats, args.warmup, tokens, contexts, exact)
 
 
 def bench_edit(executor, args, exact=None) -> dict:
     items, params = edit_job(args)
-    cfg = executor.config
-    vae_tokens = (args.size // cfg.latent_downsample) ** 2 + 2
-    vw, vh = cfg.vit_transform.target_size(args.size, args.size)
-    vit_tokens = (vw // cfg.vit.patch_size) * (vh // cfg.vit.patch_size) + 2
-    prompt = len(executor.tokenizer.encode(EDIT_INSTRUCTION)) + 2
-    contexts = [vae_tokens + vit_tokens + prompt, vae_tokens + vit_tokens, prompt]  # COND, CFG_TEXT, CFG_IMG
-    return run_image(executor, items, params, args.repeats, args.warmup, vae_tokens, contexts, exact)
+    tokens, contexts = denoise_shapes(executor.config, executor.tokenizer, "edit", args.size)
+    return run_image(executor, items, params, args.repeats, args.warmup, tokens, contexts, exact)
 
 
 def bench_understand(executor, args, exact=None) -> dict:
@@ -227,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp8", action="store_true", help="APPROXIMATE: FP8 GEMMs in the generation expert's MLP")
     p.add_argument("--cfg-refresh-interval", type=int, default=1, metavar="K",
                    help="APPROXIMATE when > 1: run the guidance branches every K-th guided step only")
+    add_kernel_args(p)
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.compile:
@@ -234,20 +243,23 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     executor = Timed(build(args.checkpoint, args.device, graphs=False if args.no_graphs else None))
     exact = {}
-    if args.fp8 or args.cfg_refresh_interval > 1:  # exact outputs first (noise seed 0)
+    other_kernels = (args.attention, args.mlp) != ("sdpa", "cublas")
+    if args.fp8 or args.cfg_refresh_interval > 1 or other_kernels:  # exact outputs first (noise seed 0)
         jobs = {"t2i": t2i_job, "edit": edit_job}
         for task in set(args.tasks.split(",")) & set(jobs):
             items, params = jobs[task](args)
             exact[task] = generate_image(executor, items, replace(params, cfg_refresh_interval=1),
                                          noise=NoiseSource(0))
-    if args.fp8:  # then quantise the same weights
+    kernels = apply_kernel_args(args, executor.inner.stages)  # then the chosen kernels
+    if args.fp8:  # and quantise the same weights
         for stage in executor.inner.stages:
             quantize_gen_mlp(stage)
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
     report = {"benchmark": "latency", "device": device_name, "torch": torch.__version__,
               "python": platform.python_version(), "commit": commit(),
               "weights": args.checkpoint or "random bf16 (full-size BAGEL-7B-MoT architecture)",
-              "build_s": time.perf_counter() - t, "settings": vars(args), "results": {}}
+              "build_s": time.perf_counter() - t, "settings": vars(args),
+              "kernels_in_effect": kernels, "results": {}}
     benches = {"t2i": bench_t2i, "edit": bench_edit, "understand": bench_understand}
     for task in args.tasks.split(","):
         report["results"][task] = benches[task](executor, args, exact.get(task))

@@ -34,6 +34,7 @@ from bagel_model.model import BagelStage
 from bagel_model.runner import StageRunner
 from bagel_model.segments import Segment
 from bagel_model.stage import full_model
+from bench.kernel_args import add_kernel_args, apply_kernel_args
 from bench.provenance import commit, write_report
 
 PROMPT_TOKENS = 20
@@ -126,11 +127,13 @@ def main() -> None:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--compile", action="store_true", help="fused torch.compile'd elementwise kernels")
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (decode steps, denoising forwards)")
+    add_kernel_args(p)
     args = p.parse_args()
     if args.compile:
         compile_elementwise()
     config = BagelConfig()
     stage = random_module(lambda: BagelStage(config, full_model(config.llm.num_hidden_layers)), "cuda", torch.bfloat16, 0)
+    kernels = apply_kernel_args(args, [stage])[0]
     runner = StageRunner(stage, (151652, 151653), graphs=not args.no_graphs)
     g = torch.Generator("cpu").manual_seed(0)
     runner.run([Segment.text("cond", torch.randint(0, 150000, (PROMPT_TOKENS,), generator=g), 0)])
@@ -171,7 +174,7 @@ def main() -> None:
         "benchmark": "profile_denoise", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "commit": commit(), "weights": "random bf16 (full-size BAGEL-7B-MoT architecture)",
         "settings": {"size": args.size, "branches": 2, "prompt_tokens": PROMPT_TOKENS, "compile": args.compile,
-                     "graphs": not args.no_graphs},
+                     "graphs": not args.no_graphs, "kernels": kernels},
         "forward_ms": ms, "tflops": flops / ms / 1e9, "gpu_busy_ms": busy, "gpu_idle_ms": ms - busy,
         "host_enqueue_ms": host_ms, "back_to_back_forward_ms": pipelined_ms,
         "decode": decode_profile(runner),

@@ -1,9 +1,10 @@
-"""The latency benchmark runs end to end (on CPU, on the fixture model) and reports sane numbers."""
+"""The latency and kernel benchmarks run end to end (on CPU, on the fixture model) and report sane numbers."""
 from __future__ import annotations
 
 import json
 
-from bench import latency
+from bagel_model.config import BagelConfig
+from bench import kernels, latency
 
 
 def test_latency_benchmark_reports(checkpoint_dir, tmp_path):
@@ -31,3 +32,37 @@ def test_fp8_benchmark_measures_its_deviation(checkpoint_dir, tmp_path):
     deviation = json.loads((tmp_path / "latency.json").read_text())["results"]["t2i"]["deviation_from_exact"]
     assert 1e-3 < deviation["latent_relative_l2"] < 0.2
     assert 15 < deviation["image_psnr_db"] < 80
+
+
+def test_kernel_flags_fall_back_and_are_checked_against_the_exact_run(checkpoint_dir, tmp_path):
+    """--attention fa4 --mlp quack on a machine without those kernels: the report says the
+    default kernels ran, and the run with the flags equals the exact run bit for bit."""
+    code = latency.main(["--device", "cpu", "--checkpoint", str(checkpoint_dir), "--size", "64", "--steps", "3",
+                         "--repeats", "1", "--warmup", "0", "--tasks", "t2i", "--attention", "fa4", "--mlp", "quack",
+                         "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "latency.json").read_text())
+    assert report["kernels_in_effect"] == [{"attention": "sdpa", "mlp": "cublas"}]
+    assert report["results"]["t2i"]["deviation_from_exact"]["latent_relative_l2"] == 0
+
+
+def test_kernels_benchmark_smoke(checkpoint_dir, tmp_path):
+    """The kernel benchmark on CPU with the fixture's shapes: the current path of every operation
+    is timed and exact; the GPU-only candidates are recorded as unavailable, not as errors."""
+    code = kernels.main(["--device", "cpu", "--checkpoint", str(checkpoint_dir), "--size", "64", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
+    tokens = (64 // config.latent_downsample) ** 2 + 2
+    assert report["shapes"]["t2i"]["query_tokens"] == tokens
+    assert report["shapes"]["generation_rows"] == 2 * (tokens - 2)
+    rows = report["results"]
+    ops = {r["op"] for r in rows}
+    assert {"attention t2i cond", "gate_up + SwiGLU", "down + residual", "rms_norm", "q/k norm + RoPE",
+            "causal text after image"} <= ops
+    for r in rows:
+        if r["variant"] == "current":
+            assert r["exact"] and r["ms"] > 0 and 0 < r["vs_fp32"]["relative_l2"] < 0.02
+        elif r["variant"] in ("fa4", "quack", "quack_autotuned"):
+            assert r["unavailable"] == "needs a CUDA GPU, not cpu"
+    assert report["summary"]["t2i_saving_ms_per_two_branch_forward"] == 0
