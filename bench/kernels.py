@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -38,9 +37,9 @@ from bagel_model import attention, epilogue_gemm, layers
 from bagel_model.config import BagelConfig
 from bagel_model.demo import demo_tokenizer
 from bench.check_fastpaths import deviation
+from bench.kernel_args import add_site_dirs, quack_settings
 from bench.latency import denoise_shapes
 from bench.provenance import commit, write_report
-from bench.kernel_args import add_site_dirs
 
 TOLERANCE = 1.1
 AUTOTUNE_S = 45.0  # budget an autotuning run needs (its compiles run in parallel CPU workers)
@@ -346,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     start = time.monotonic()
     add_site_dirs(args.site)
-    os.environ.setdefault("QUACK_COMPILE_WORKERS", str(max(1, (os.cpu_count() or 2) - 2)))  # autotuning compiles
+    quack_settings()
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device(args.device)
     cfg = BagelConfig.from_checkpoint_dir(args.checkpoint) if args.checkpoint else BagelConfig()
