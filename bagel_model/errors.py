@@ -13,4 +13,10 @@ class CheckpointError(BagelError):
 
 
 class InvalidRequest(BagelError, ValueError):
-    """A request (or its parameters, images or text) is outside what the model supports."""
+    """A request (or its parameters, images or text) is outside what the model supports.
+
+    `param` names the offending field(s), comma-separated, for OpenAI's error shape."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

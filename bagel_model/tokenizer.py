@@ -3,10 +3,12 @@
 Reads `tokenizer.json` when the folder has one, otherwise builds the same tokenizer from
 `vocab.json` + `merges.txt` + the added tokens of `tokenizer_config.json` (the files the official
 slow tokenizer reads). `encode` adds no special tokens; `decode` keeps them (spec §1.4, §5.3).
+`clean_prompt` takes chat-template markup out of user text before it is encoded.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -24,6 +26,8 @@ EOS = "<|im_end|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 # The control tokens of Qwen2.5, in vocabulary order, following the BPE vocabulary.
+# A chat template's role line after <|im_start|> ("user\n" and the like).
+ROLE_HEADER = r"(?:system|user|assistant)[ \t]*\n"
 QWEN2_CONTROL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -61,6 +65,9 @@ class BagelTokenizer:
             raise CheckpointError(f"tokenizer lacks BAGEL's special tokens {missing}")
         self.bos_id, self.eos_id = ids[BOS], ids[EOS]
         self.vision_start_id, self.vision_end_id = ids[VISION_START], ids[VISION_END]
+        specials = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special),
+                          key=len, reverse=True)
+        self._markup = re.compile("|".join([re.escape(BOS) + f"(?:{ROLE_HEADER})?", *map(re.escape, specials)]))
 
     @classmethod
     def from_dir(cls, path: str | Path) -> BagelTokenizer:
@@ -82,6 +89,17 @@ class BagelTokenizer:
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def clean_prompt(self, text: str) -> str:
+        """User text without chat-template markup: every special token (<|im_start|>, <|im_end|>,
+        <|image_pad|>, ...) and the role line after <|im_start|> are removed, and then the
+        surrounding whitespace. BAGEL wraps each text in <|im_start|> ... <|im_end|> itself and
+        places images by their position in the input, so markup that clients of other servers
+        put into prompts would otherwise reach the model as control tokens (as vLLM-Omni, which
+        strips the wrapper, we drop it; literal control tokens never reach the model from user
+        text). Text without markup is returned unchanged."""
+        cleaned = self._markup.sub("", text)
+        return cleaned.strip() if cleaned != text else text
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

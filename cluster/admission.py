@@ -55,6 +55,8 @@ def kv_bytes_estimate(task: ImageTask | TextTask, config: BagelConfig, tokenizer
                       layers_per_stage: int, dtype_bytes: int, max_prompt_tokens: int) -> int:
     """Upper estimate of the KV bytes one stage holds for this request at once."""
     text_tokens, image_tokens = 0, 0
+    if isinstance(task, ImageTask) and task.negative_prompt:
+        text_tokens += len(tokenizer.encode(task.negative_prompt)) + 2
     for item in task.items:
         if isinstance(item, str):
             text_tokens += len(tokenizer.encode(item)) + 2

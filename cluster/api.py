@@ -26,6 +26,7 @@ class ImageTask:
     think: bool = False
     text_params: TextParams = field(default_factory=TextParams)  # for the thought
     seed: int | None = None
+    negative_prompt: str | None = None  # the text-free guidance branch's context (pipelines.tasks)
 
 
 @dataclass

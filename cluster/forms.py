@@ -1,16 +1,16 @@
 """The image-edit request from its two accepted bodies: JSON (`ImageEditRequest`), or an
-OpenAI-style multipart form (files become base64 fields; form strings become typed values)."""
+OpenAI-style multipart form (files become base64 fields; form strings become typed values).
+Every `image` / `image[]` part is kept, in order (several images are BAGEL's context)."""
 from __future__ import annotations
 
 import base64
 import json
 
 from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 
 from bagel_model.errors import InvalidRequest
 
+from .normalize import parse
 from .protocol import ImageEditRequest
 
 FLAGS = ("think", "stream")  # booleans, sent as "true"/"1"/"yes" in a form
@@ -24,12 +24,7 @@ async def edit_request(request: Request, max_upload_bytes: int) -> ImageEditRequ
             fields = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise InvalidRequest("the body must be JSON or multipart/form-data") from None
-        if not isinstance(fields, dict):
-            raise InvalidRequest("the body must be a JSON object")
-    try:
-        return ImageEditRequest(**fields)
-    except ValidationError as e:  # reported like a JSON body's: a 400 naming the field
-        raise RequestValidationError(e.errors()) from None
+    return parse(fields, ImageEditRequest)
 
 
 async def _form_fields(request: Request, max_upload_bytes: int) -> dict:
@@ -40,7 +35,9 @@ async def _form_fields(request: Request, max_upload_bytes: int) -> dict:
             data = await value.read(max_upload_bytes + 1)
             if len(data) > max_upload_bytes:
                 raise InvalidRequest(f"{key}: larger than {max_upload_bytes} bytes")
-            fields[key.removesuffix("[]")] = base64.b64encode(data).decode()
+            fields.setdefault(key.removesuffix("[]"), []).append(base64.b64encode(data).decode())
+        elif key.removesuffix("[]") == "image":
+            fields.setdefault("image", []).append(value)
         else:
             fields[key] = json.loads(value) if key == "cfg_interval" and value.startswith("[") else value
     if isinstance(fields.get("cfg_interval"), str):

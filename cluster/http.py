@@ -9,6 +9,7 @@ layer runs without Serve too.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import Callable
@@ -17,19 +18,22 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bagel_model.errors import BagelError
+from bagel_model.errors import BagelError, InvalidRequest
 
 from .api import ImageTask
 from .errors import RetryLater, Unauthorized, status_of
 from .forms import edit_request
-from .jobs import cancel_all
-from .protocol import ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest
-from .responses import ChatCompletion, ErrorResponse, ImagesResponse, ModelCard, ModelList
+from .jobs import Job, cancel_all
+from .normalize import parse, problems_error, validation_problems
+from .protocol import ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest, ResponseOptions
+from .responses import (ChatCompletion, ErrorResponse, ImagesResponse, ModelCard, ModelList,
+                        check_response_options)
 from .service import BagelService
 from .sse import chat_chunks, image_events, sse_response
 
@@ -44,6 +48,7 @@ def create_app(service: Callable[[], BagelService]) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid_body)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(BagelError, _bagel_error)
+    app.openapi = lambda: _openapi(app)
     return app
 
 
@@ -93,52 +98,96 @@ async def models(service: Service) -> Response:
     return json_response(ModelList(data=[ModelCard(id=service.model_name)]))
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse, **API)
-async def images_generations(body: ImageGenerationRequest, service: Service) -> Response:
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard,
+            **{**API, "responses": {**API["responses"], 404: {"model": ErrorResponse}}})
+async def model(model_id: str, service: Service) -> Response:
+    if model_id != service.model_name:
+        return json_response(ErrorResponse.of(f"The model '{model_id}' does not exist; this service serves "
+                                              f"'{service.model_name}'", "invalid_request_error", "model",
+                                              "model_not_found"), 404)
+    return json_response(ModelCard(id=service.model_name))
+
+
+def _body(model: type[BaseModel], multipart: bool = False) -> dict:
+    """OpenAPI request body of a route that parses its body itself (normalize.parse)."""
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    if multipart:
+        content["multipart/form-data"] = {"schema": {"type": "object", "description": "the same fields; "
+                                                     "`image` as one or more files (`image` or `image[]`)"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+REQUEST_MODELS = (ImageGenerationRequest, ImageEditRequest, ChatCompletionRequest)
+
+
+@router.post("/v1/images/generations", response_model=ImagesResponse, openapi_extra=_body(ImageGenerationRequest),
+             **API)
+async def images_generations(request: Request, service: Service) -> Response:
+    body = parse(await _json(request), ImageGenerationRequest)
     task, n = body.to_task(service.limits)
-    return await _images(service, task, n, body.stream)
+    return await _images(service, task, n, body.stream, body.response_options())
 
 
-EDIT_BODY = {"requestBody": {"required": True, "content": {  # parsed by forms.edit_request
-    "application/json": {"schema": ImageEditRequest.model_json_schema()},
-    "multipart/form-data": {"schema": {"type": "object", "description": "the same fields; `image` as a file"}}}}}
-
-
-@router.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=EDIT_BODY, **API)
+@router.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=_body(ImageEditRequest, True), **API)
 async def images_edits(request: Request, service: Service) -> Response:
     body = await edit_request(request, service.limits.max_upload_bytes)
     task, n = body.to_task(service.limits)
-    return await _images(service, task, n, body.stream)
+    return await _images(service, task, n, body.stream, body.response_options())
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, **API)
-async def chat_completions(body: ChatCompletionRequest, service: Service) -> Response:
-    job = await service.start_text(body.to_task(service.limits))
-    completion_id, created = f"chatcmpl-{job.request_id}", int(time.time())
+@router.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=_body(ChatCompletionRequest),
+             **API)
+async def chat_completions(request: Request, service: Service) -> Response:
+    body = parse(await _json(request), ChatCompletionRequest)
+    task, n = body.to_task(service.limits)
+    jobs = await (service.start_images(task, n) if isinstance(task, ImageTask) else service.start_texts(task, n))
+    completion_id, created = f"chatcmpl-{jobs[0].request_id}", int(time.time())
     if body.stream:
-        return sse_response(chat_chunks(job, completion_id, created, service.model_name))
-    return json_response(ChatCompletion.of(completion_id, created, service.model_name, await job.result()))
+        return sse_response(chat_chunks(jobs, completion_id, created, service.model_name, body.include_usage))
+    return json_response(ChatCompletion.of(completion_id, created, service.model_name, await _results(jobs)))
 
 
-async def _images(service: BagelService, task: ImageTask, n: int, stream: bool) -> Response:
+async def _images(service: BagelService, task: ImageTask, n: int, stream: bool, options: ResponseOptions) -> Response:
+    check_response_options(options)
     jobs = await service.start_images(task, n)
     if stream:
         return sse_response(image_events(jobs))
+    return json_response(ImagesResponse.of(await _results(jobs)))
+
+
+async def _results(jobs: list[Job]) -> list:
     try:
-        outputs = await asyncio.gather(*(job.result() for job in jobs))
+        return list(await asyncio.gather(*(job.result() for job in jobs)))
     except BaseException:
         cancel_all(jobs)
         raise
-    return json_response(ImagesResponse.of(outputs))
+
+
+async def _json(request: Request) -> object:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise InvalidRequest("the body must be JSON") from None
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document plus the request models of the routes that parse their own body."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in REQUEST_MODELS:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 # -- errors ----------------------------------------------------------------------------------
 
 async def _invalid_body(request: Request, exc: RequestValidationError) -> Response:
-    first = exc.errors()[0] if exc.errors() else {}
-    field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-    message = f"{field}: {first.get('msg', 'invalid request')}" if field else first.get("msg", "invalid request")
-    return json_response(ErrorResponse.of(message, "invalid_request_error", field), 400)
+    """FastAPI's own validation (path and query parameters): every problem in one 400."""
+    return await _bagel_error(request, problems_error(validation_problems(exc.errors()) or [("body", "invalid")]))
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -149,4 +198,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 async def _bagel_error(request: Request, exc: BagelError) -> Response:
     status, kind = status_of(exc)
     retry = exc.retry_after_s if isinstance(exc, RetryLater) else None
-    return json_response(ErrorResponse.of(str(exc), kind), status, {"Retry-After": str(retry)} if retry else None)
+    param = exc.param if isinstance(exc, InvalidRequest) else None
+    return json_response(ErrorResponse.of(str(exc), kind, param), status,
+                         {"Retry-After": str(retry)} if retry else None)

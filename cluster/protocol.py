@@ -1,12 +1,17 @@
 """The HTTP API's request models (OpenAI shapes plus BAGEL's knobs) and their conversion to
-`ImageTask` / `TextTask`. Pydantic lives here and in args.py only."""
+`ImageTask` / `TextTask`. Pydantic lives here and in args.py only.
+
+Bodies reach these models through `normalize.parse` (peers' aliases, ignored and unsupported
+OpenAI fields, unknown names); each model's `api` names its table there.
+"""
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bagel_model.errors import InvalidRequest
 from bagel_model.transforms import open_image
@@ -15,13 +20,16 @@ from pipelines.params import EDIT_DEFAULTS, ImageParams, TextParams
 from .api import ImageTask, TextTask
 from .args import Limits
 
+DEFAULT_THINK_TOKENS = 1000  # the official notebook's max_think_token_n
+DEFAULT_ANSWER_TOKENS = 512  # the official app's understanding limit
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class BagelImageOptions(_Strict):
-    """BAGEL's sampler knobs (official names); unset fields take the task's defaults."""
+class ImageKnobs(_Strict):
+    """BAGEL's image knobs (official names); unset fields take the task's defaults."""
 
     cfg_text_scale: float | None = Field(None, description="text guidance scale (1 = off)")
     cfg_img_scale: float | None = Field(None, description="image guidance scale (1 = off)")
@@ -32,149 +40,235 @@ class BagelImageOptions(_Strict):
     cfg_renorm_type: Literal["global", "channel", "text_channel"] | None = None
     cfg_refresh_interval: int | None = Field(
         None, description="APPROXIMATE when > 1 (faster): the guidance branches run every k-th guided step only")
+    negative_prompt: str | None = Field(None, description="the text-free guidance branch's context: what to steer "
+                                        "away from (empty: BAGEL's default, no text)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    think: bool = Field(False, description="plan in text first (the thought is returned as revised_prompt)")
+    think: bool = Field(False, description="plan in text first (the thought is returned with the image)")
     max_think_tokens: int | None = Field(None, ge=1, description="longest thought")
-    stream: bool = Field(False, description="server-sent events: progress per step, then the image")
 
     def image_params(self, base: ImageParams, limits: Limits, size: str | None) -> ImageParams:
         overrides = {k: v for k, v in self.model_dump(include=set(ImageParams.__dataclass_fields__)).items()
                      if v is not None}
         if overrides.get("num_timesteps", 0) > limits.max_num_timesteps:
-            raise InvalidRequest(f"num_timesteps must be at most {limits.max_num_timesteps}")
-        if size is not None:
+            raise InvalidRequest(f"num_timesteps must be at most {limits.max_num_timesteps}", param="num_timesteps")
+        if size is not None and size != "auto":  # "auto": the task's default size
             overrides["width"], overrides["height"] = _parse_size(size)
         return base.__class__(**{**base.__dict__, **overrides})
 
-    def think_params(self, limits: Limits) -> TextParams:
-        n = self.max_think_tokens or 1000
+    def image_task(self, items: list, base: ImageParams, limits: Limits, size: str | None,
+                   thought: TextParams) -> ImageTask:
+        return ImageTask(items, self.image_params(base, limits, size), self.think, thought, self.seed,
+                         self.negative_prompt)
+
+    def thought_params(self, limits: Limits, do_sample: bool, temperature: float | None,
+                       max_tokens: int | None = None) -> TextParams:
+        """How the thought is decoded (think mode): greedy unless sampled, at most
+        max_think_tokens (else `max_tokens`, else 1000) tokens."""
+        n = self.max_think_tokens or max_tokens or DEFAULT_THINK_TOKENS
         if n > limits.max_new_tokens:
-            raise InvalidRequest(f"max_think_tokens must be at most {limits.max_new_tokens}")
-        return TextParams(max_new_tokens=n)
+            raise InvalidRequest(f"max_think_tokens must be at most {limits.max_new_tokens}", param="max_think_tokens")
+        return TextParams(max_new_tokens=n, do_sample=do_sample, temperature=0.3 if temperature is None else temperature)
 
 
-class ImageGenerationRequest(BagelImageOptions):
+@dataclass(frozen=True)
+class ResponseOptions:
+    """How the images go back (OpenAI's fields, passed through unchanged; see
+    responses.check_response_options for what is implemented)."""
+
+    response_format: str | None = None
+    output_format: str | None = None
+    output_compression: int | None = None
+    partial_images: int | None = None
+    quality: str | None = None
+
+
+class ImageResponseFields(ImageKnobs):
+    """OpenAI's images fields shared by generations and edits, and the thought's decoding."""
+
+    prompt: str = Field(min_length=1)
+    do_sample: bool | None = Field(None, description="sample the thought (default: greedy)")
+    text_temperature: float | None = Field(None, ge=0, description="temperature of a sampled thought (default 0.3)")
+    stream: bool = Field(False, description="server-sent events: progress per step, then the image")
+    model: str | None = None
+    n: int = Field(1, ge=1, description="images; up to the service's limits.max_n")
+    size: str | None = Field(None, description="'WIDTHxHEIGHT', multiples of 16, or 'auto'; default the model's "
+                             "largest square, or an input image's size")
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: Literal["png", "jpeg", "webp", "gif", "svg"] | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    partial_images: int | None = Field(None, ge=0, le=3)
+    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = None
+
+    def response_options(self) -> ResponseOptions:
+        return ResponseOptions(self.response_format, self.output_format, self.output_compression,
+                               self.partial_images, self.quality)
+
+    def _task(self, items: list, base: ImageParams, limits: Limits) -> tuple[ImageTask, int]:
+        _check_text(self.prompt, limits)
+        _check_n(self.n, limits)
+        thought = self.thought_params(limits, bool(self.do_sample), self.text_temperature)
+        return self.image_task([*items, self.prompt], base, limits, self.size, thought), self.n
+
+
+class ImageGenerationRequest(ImageResponseFields):
     """POST /v1/images/generations"""
 
-    prompt: str = Field(min_length=1)
-    model: str | None = None
-    n: int = Field(1, ge=1)
-    size: str | None = Field(None, description="'WIDTHxHEIGHT', multiples of 16; default the model's largest square")
-    response_format: Literal["b64_json"] = "b64_json"
-    quality: str | None = None  # accepted for OpenAI clients, ignored
-    style: str | None = None  # accepted for OpenAI clients, ignored
-    user: str | None = None
+    api: ClassVar[str] = "images"
 
     def to_task(self, limits: Limits) -> tuple[ImageTask, int]:
-        _check_text(self.prompt, limits)
-        _check_n(self.n, limits)
-        params = self.image_params(ImageParams(), limits, self.size)
-        return ImageTask([self.prompt], params, self.think, self.think_params(limits), self.seed), self.n
+        return self._task([], ImageParams(), limits)
 
 
-class ImageEditRequest(BagelImageOptions):
-    """POST /v1/images/edits (JSON form; the multipart form is converted into this)."""
+class ImageEditRequest(ImageResponseFields):
+    """POST /v1/images/edits (JSON form; the multipart form is converted into this). Several
+    images are BAGEL's interleaved context, in order, before the prompt."""
 
-    prompt: str = Field(min_length=1)
-    image: str = Field(min_length=1, description="base64 or a data URL")
-    model: str | None = None
-    n: int = Field(1, ge=1)
-    response_format: Literal["b64_json"] = "b64_json"
-    size: str | None = None  # must be unset: the output has the input's size
-    user: str | None = None
+    api: ClassVar[str] = "edits"
+
+    image: str | list[str] = Field(description="base64 or a data URL; or a list of them (several images)")
 
     def to_task(self, limits: Limits) -> tuple[ImageTask, int]:
-        _check_text(self.prompt, limits)
-        _check_n(self.n, limits)
-        if self.size is not None:
-            raise InvalidRequest("size: edits keep the input image's size; leave size unset")
-        image = decode_image(decode_base64(self.image, "image", limits), limits)
-        params = self.image_params(EDIT_DEFAULTS, limits, None)
-        return ImageTask([image, self.prompt], params, self.think, self.think_params(limits), self.seed), self.n
+        encoded = self.image if isinstance(self.image, list) else [self.image]
+        if not encoded:
+            raise InvalidRequest("image: give at least one image", param="image")
+        _check_images(len(encoded), limits)
+        images = [decode_image(decode_base64(data, "image", limits), limits) for data in encoded]
+        return self._task(images, EDIT_DEFAULTS, limits)
 
 
 class ImageURL(_Strict):
     url: str
-    detail: str | None = None
+    detail: Literal["auto", "low", "high", "original"] | None = None  # BAGEL sees every image whole
 
 
 class ContentPart(_Strict):
     type: Literal["text", "image_url"]
     text: str | None = None
     image_url: ImageURL | None = None
+    prompt_cache_breakpoint: dict | None = None  # OpenAI's prompt-cache hint: ignored
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    refusal: str | None = None  # an earlier assistant refusal: not shown to the model
 
 
-class ChatCompletionRequest(_Strict):
-    """POST /v1/chat/completions"""
+class StreamOptions(_Strict):
+    include_usage: bool | None = Field(None, description="a last chunk with the usage (and no choices)")
+    include_obfuscation: bool | None = None  # OpenAI's padding against side channels: none is added here
+
+
+class ChatCompletionRequest(ImageKnobs):
+    """POST /v1/chat/completions: understanding, or images with `modalities` ["image"] (or
+    ["text", "image"]): text-to-image from the text, editing when the messages carry images."""
+
+    api: ClassVar[str] = "chat"
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
+    modalities: list[Literal["text", "image"]] | None = Field(
+        None, description='["text"] (default): an answer; with "image": an image (and the thought, when thinking)')
+    n: int = Field(1, ge=1, description="choices; up to the service's limits.max_n")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2, description="0 or unset: greedy (BAGEL's default)")
-    stream: bool = False
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    n: int = Field(1, ge=1, le=1)
-    user: str | None = None
-    think: bool = Field(False, description="BAGEL think mode: reason in <think> tags before answering")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 or unset: greedy (BAGEL's default); "
+                                      "also the thought's, in think mode")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling when temperature > 0")
+    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the answer")
+    do_sample: bool | None = Field(None, description="sample (default: when temperature > 0)")
+    think: bool = Field(False, description="BAGEL think mode: reason in <think> tags before answering, "
+                        "or plan before drawing")
+    size: str | None = Field(None, description="image output: 'WIDTHxHEIGHT' or 'auto'")
 
-    def to_task(self, limits: Limits) -> TextTask:
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > 4 or not all(strings):
+            raise ValueError("at most 4 non-empty strings")
+        return stop
+
+    @property
+    def wants_image(self) -> bool:
+        return bool(self.modalities) and "image" in self.modalities
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def to_task(self, limits: Limits) -> tuple[ImageTask | TextTask, int]:
+        """An ImageTask when images are asked for, else a TextTask; and the number of choices.
+        Image-only knobs (size, guidance, steps, ...) do not affect text answers."""
+        items = self._items(limits)
+        _check_n(self.n, limits)
+        max_new = self.max_completion_tokens or self.max_tokens
+        sample = self.do_sample if self.do_sample is not None else bool(self.temperature)
+        if self.wants_image:
+            base = EDIT_DEFAULTS if any(not isinstance(i, str) for i in items) else ImageParams()
+            thought = self.thought_params(limits, sample, self.temperature, max_new)
+            return self.image_task(items, base, limits, self.size, thought), self.n
+        max_new = max_new or self.max_think_tokens or DEFAULT_ANSWER_TOKENS
+        if max_new > limits.max_new_tokens:
+            raise InvalidRequest(f"max_tokens must be at most {limits.max_new_tokens}", param="max_tokens")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        params = TextParams(max_new_tokens=max_new, do_sample=sample, temperature=self.temperature or 0.3,
+                            top_p=self.top_p or 1.0, stop=stop)
+        return TextTask(items, params, self.think, self.seed), self.n
+
+    def _items(self, limits: Limits) -> list:
+        """Text and images in conversation order; within a message its images come first (BAGEL's
+        order: an image, then what to do with it)."""
         items: list = []
         for message in self.messages:
-            parts = [ContentPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
+            parts = [ContentPart(type="text", text=message.content)] if isinstance(message.content, str) \
+                else message.content or []
+            texts, images = [], []
             for part in parts:
                 if part.type == "text":
                     if part.text is None:
-                        raise InvalidRequest("messages: a text part needs 'text'")
+                        raise InvalidRequest("messages: a text part needs 'text'", param="messages")
                     if part.text.strip():
-                        items.append(part.text)
+                        texts.append(part.text)
                 else:
                     if part.image_url is None:
-                        raise InvalidRequest("messages: an image_url part needs 'image_url'")
-                    items.append(decode_image(decode_data_url(part.image_url.url, limits), limits))
+                        raise InvalidRequest("messages: an image_url part needs 'image_url'", param="messages")
+                    images.append(decode_image(decode_data_url(part.image_url.url, limits), limits))
+            items += images + texts
         if not any(isinstance(i, str) for i in items):
-            raise InvalidRequest("messages: no text given")
-        if sum(not isinstance(i, str) for i in items) > limits.max_images:
-            raise InvalidRequest(f"messages: at most {limits.max_images} images per request")
+            raise InvalidRequest("messages: no text given", param="messages")
+        _check_images(sum(not isinstance(i, str) for i in items), limits)
         _check_text(" ".join(i for i in items if isinstance(i, str)), limits)
-        max_new = self.max_completion_tokens or self.max_tokens or 512
-        if max_new > limits.max_new_tokens:
-            raise InvalidRequest(f"max_tokens must be at most {limits.max_new_tokens}")
-        temperature = self.temperature or 0.0
-        params = TextParams(max_new_tokens=max_new, do_sample=temperature > 0, temperature=temperature or 0.3)
-        return TextTask(items, params, self.think, self.seed)
+        return items
 
 
 def decode_base64(data: str, field: str, limits: Limits) -> bytes:
     if data.startswith("data:"):
         return decode_data_url(data, limits)
     if len(data) > limits.max_upload_bytes * 4 // 3 + 4:
-        raise InvalidRequest(f"{field}: larger than {limits.max_upload_bytes} bytes")
+        raise InvalidRequest(f"{field}: larger than {limits.max_upload_bytes} bytes", param=field)
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise InvalidRequest(f"{field}: not valid base64 ({e})") from e
+        raise InvalidRequest(f"{field}: not valid base64 ({e})", param=field) from e
 
 
 def decode_data_url(url: str, limits: Limits) -> bytes:
     if not url.startswith("data:") or ";base64," not in url:
-        raise InvalidRequest("image_url: only data URLs ('data:image/png;base64,...') are accepted")
+        raise InvalidRequest("image_url: only data URLs ('data:image/png;base64,...') are accepted", param="image_url")
     return decode_base64(url.split(";base64,", 1)[1], "image_url", limits)
 
 
 def decode_image(data: bytes, limits: Limits):
     if len(data) > limits.max_upload_bytes:
-        raise InvalidRequest(f"image: larger than {limits.max_upload_bytes} bytes")
+        raise InvalidRequest(f"image: larger than {limits.max_upload_bytes} bytes", param="image")
     image = open_image(data, max_pixels=limits.max_image_pixels)
     w, h = image.size
     if max(w, h) > limits.max_aspect_ratio * min(w, h):
-        raise InvalidRequest(f"image: aspect ratio {w}x{h} exceeds {limits.max_aspect_ratio}:1")
+        raise InvalidRequest(f"image: aspect ratio {w}x{h} exceeds {limits.max_aspect_ratio}:1", param="image")
     return image
 
 
@@ -182,17 +276,22 @@ def _parse_size(size: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in size.lower().split("x"))
     except ValueError:
-        raise InvalidRequest(f"size must be 'WIDTHxHEIGHT', got {size!r}") from None
+        raise InvalidRequest(f"size must be 'WIDTHxHEIGHT' or 'auto', got {size!r}", param="size") from None
     return w, h
 
 
 def _check_text(text: str, limits: Limits) -> None:
     if not text.strip():
-        raise InvalidRequest("prompt is empty")
+        raise InvalidRequest("prompt is empty", param="prompt")
     if len(text) > limits.max_prompt_chars:
-        raise InvalidRequest(f"prompt is longer than {limits.max_prompt_chars} characters")
+        raise InvalidRequest(f"prompt is longer than {limits.max_prompt_chars} characters", param="prompt")
 
 
 def _check_n(n: int, limits: Limits) -> None:
     if n > limits.max_n:
-        raise InvalidRequest(f"n must be at most {limits.max_n}")
+        raise InvalidRequest(f"n must be at most {limits.max_n}", param="n")
+
+
+def _check_images(count: int, limits: Limits) -> None:
+    if count > limits.max_images:
+        raise InvalidRequest(f"at most {limits.max_images} images per request, got {count}", param="image")

@@ -9,7 +9,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_serializer
 
+from bagel_model.errors import InvalidRequest
+
 from .api import ImageOutput, TextOutput
+from .protocol import ResponseOptions
 
 
 class ImageData(BaseModel):
@@ -36,15 +39,52 @@ class ImagesResponse(BaseModel):
         return cls(created=int(time.time()), data=[ImageData.of(o) for o in outputs])
 
 
+def check_response_options(options: ResponseOptions) -> None:
+    """Refuse, before any work, what the images response cannot do yet (nothing is silently
+    ignored): the images come back as base64 PNG, each in one piece."""
+    unsupported = [(name, value) for name, value, ok in (
+        ("response_format", options.response_format, options.response_format in (None, "b64_json")),
+        ("output_format", options.output_format, options.output_format in (None, "png")),
+        ("partial_images", options.partial_images, not options.partial_images),
+    ) if not ok]
+    if unsupported:
+        raise InvalidRequest("; ".join(f"{name} {value!r} is not supported yet" for name, value in unsupported),
+                             param=",".join(name for name, _ in unsupported))
+
+
 class ImagesStreamEnd(ImagesResponse):
     """The last event of a streamed image request (before [DONE]): the images."""
 
     type: Literal["image"] = "image"
 
 
+class ImageURLContent(BaseModel):
+    url: str = Field(description="a data URL of the PNG")
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageURLContent
+
+    @classmethod
+    def of(cls, output: ImageOutput) -> ImagePart:
+        return cls(image_url=ImageURLContent(url="data:image/png;base64," + base64.b64encode(output.png).decode()))
+
+
+class TextPart(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+def image_content(output: ImageOutput) -> list[ImagePart | TextPart]:
+    """An image answer's content parts: the image, then the thought (think mode). The image
+    comes first: clients of other BAGEL servers look for it in the first part."""
+    return [ImagePart.of(output), *([TextPart(text=output.thought)] if output.thought else [])]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | list[ImagePart | TextPart] = Field(description="the answer; or, for images, content parts")
 
 
 class ChatChoice(BaseModel):
@@ -58,6 +98,11 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def of(cls, outputs: list[TextOutput | ImageOutput]) -> Usage:
+        completion = sum(o.completion_tokens for o in outputs if isinstance(o, TextOutput))
+        return cls(prompt_tokens=0, completion_tokens=completion, total_tokens=completion)
+
 
 class ChatCompletion(BaseModel):
     """POST /v1/chat/completions"""
@@ -70,22 +115,24 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
     @classmethod
-    def of(cls, completion_id: str, created: int, model: str, output: TextOutput) -> ChatCompletion:
-        return cls(id=completion_id, created=created, model=model,
-                   choices=[ChatChoice(message=AssistantMessage(content=output.text),
-                                       finish_reason=output.finish_reason)],
-                   usage=Usage(prompt_tokens=0, completion_tokens=output.completion_tokens,
-                               total_tokens=output.completion_tokens))
+    def of(cls, completion_id: str, created: int, model: str,
+           outputs: list[TextOutput | ImageOutput]) -> ChatCompletion:
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=o.text), finish_reason=o.finish_reason)
+                   if isinstance(o, TextOutput) else
+                   ChatChoice(index=i, message=AssistantMessage(content=image_content(o)), finish_reason="stop")
+                   for i, o in enumerate(outputs)]
+        return cls(id=completion_id, created=created, model=model, choices=choices, usage=Usage.of(outputs))
 
 
 class ChatDelta(BaseModel):
-    """What a chunk adds; only the fields set appear (the last chunk's delta is `{}`)."""
+    """What a chunk adds; only the fields set appear (the last chunk's delta is `{}`). Text
+    comes as strings, an image as a list with its content part."""
 
     role: Literal["assistant"] | None = None
-    content: str | None = None
+    content: str | list[ImagePart | TextPart] | None = None
 
     @model_serializer(mode="wrap")
-    def _without_unset(self, handler) -> dict[str, str]:
+    def _without_unset(self, handler) -> dict:
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
@@ -95,14 +142,27 @@ class ChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
+class StepProgress(BaseModel):
+    step: int
+    num_steps: int
+
+
 class ChatCompletionChunk(BaseModel):
-    """One event of a streamed chat completion."""
+    """One event of a streamed chat completion. Images in the making report `progress`
+    (their choice's delta is empty); with stream_options.include_usage the last chunk has the
+    `usage` and no choices."""
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChunkChoice]
+    progress: StepProgress | None = None
+    usage: Usage | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None or k not in ("progress", "usage")}
 
 
 class ModelCard(BaseModel):
@@ -132,8 +192,8 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
     @classmethod
-    def of(cls, message: str, kind: str, param: str | None = None) -> ErrorResponse:
-        return cls(error=ErrorInfo(message=message, type=kind, param=param))
+    def of(cls, message: str, kind: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
+        return cls(error=ErrorInfo(message=message, type=kind, param=param, code=code))
 
 
 class StreamError(ErrorResponse):

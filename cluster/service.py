@@ -16,6 +16,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -93,18 +94,26 @@ class BagelService:
         Raises before any work starts, also for a request that will be streamed."""
         task.params.validate(self.config.max_image_side, self.config.latent_downsample)
         task.text_params.validate()
+        return await self._start_all("image", self._image_work, task, n)
+
+    async def start_text(self, task: TextTask) -> Job:
+        [job] = await self.start_texts(task, 1)
+        return job
+
+    async def start_texts(self, task: TextTask, n: int) -> list[Job]:
+        """Check the parameters, then admit and queue `n` answers (seeds seed, seed + 1, ...)."""
+        task.params.validate(self.limits.max_new_tokens)
+        return await self._start_all("text", self._text_work, task, n)
+
+    async def _start_all(self, kind: str, work: Callable, task: ImageTask | TextTask, n: int) -> list[Job]:
         jobs: list[Job] = []
         try:
             for i in range(n):
-                jobs.append(await self._start("image", self._image_work, _with_seed(task, i)))
+                jobs.append(await self._start(kind, work, _with_seed(task, i)))
         except BaseException:
             cancel_all(jobs)
             raise
         return jobs
-
-    async def start_text(self, task: TextTask) -> Job:
-        task.params.validate(self.limits.max_new_tokens)
-        return await self._start("text", self._text_work, task)
 
     async def _start(self, kind: str, work: Callable, task: ImageTask | TextTask) -> Job:
         """Admit the request (or raise Overloaded), then queue it for a worker thread."""
@@ -164,7 +173,7 @@ class BagelService:
         seed = task.seed if task.seed is not None else secrets.randbelow(2**31)
         result = generate_image(
             self.executor, self._decoded(task.items), task.params, think=task.think, text_params=task.text_params,
-            noise=NoiseSource(seed),
+            noise=NoiseSource(seed), negative_prompt=task.negative_prompt,
             on_step=lambda p: job.emit({"type": "progress", "step": p.step, "num_steps": p.num_steps}),
             on_text=lambda delta: job.emit({"type": "thought", "delta": delta}),
         )
@@ -176,8 +185,7 @@ class BagelService:
     def _text_work(self, task: TextTask, job: Job) -> TextOutput:
         result = understand(self.executor, self._decoded(task.items), task.params, think=task.think, seed=task.seed,
                             on_text=lambda delta: job.emit({"type": "text", "delta": delta}))
-        finish = "length" if len(result.token_ids) >= task.params.max_new_tokens else "stop"
-        return TextOutput(result.text, len(result.token_ids), finish)
+        return TextOutput(result.text, len(result.token_ids), result.finish_reason)
 
     def _decoded(self, items: list) -> list:
         """Items with encoded image bytes opened as images, under the configured limits (handle
@@ -227,9 +235,8 @@ class BagelService:
         return self.metrics.prometheus_text()
 
 
-def _with_seed(task: ImageTask, index: int) -> ImageTask:
-    seed = task.seed + index if task.seed is not None else None
-    return ImageTask(task.items, task.params, task.think, task.text_params, seed)
+def _with_seed(task: ImageTask | TextTask, index: int) -> ImageTask | TextTask:
+    return replace(task, seed=task.seed + index) if task.seed is not None and index else task
 
 
 def _log_end(job: Job, kind: str, latency_s: float, error: BaseException | None) -> None:

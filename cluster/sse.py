@@ -14,8 +14,10 @@ from pydantic import BaseModel
 from bagel_model.errors import BagelError
 
 from .errors import status_of
+from .api import ImageOutput
 from .jobs import Job, cancel_all
-from .responses import ChatCompletionChunk, ChatDelta, ChunkChoice, ErrorInfo, ImagesStreamEnd, StreamError
+from .responses import (ChatCompletionChunk, ChatDelta, ChunkChoice, ErrorInfo, ImagesStreamEnd, StepProgress,
+                        StreamError, Usage, image_content)
 
 Event = BaseModel | dict
 
@@ -50,18 +52,34 @@ async def image_events(jobs: list[Job]) -> AsyncIterator[Event]:
         cancel_all(jobs)
 
 
-async def chat_chunks(job: Job, completion_id: str, created: int, model: str) -> AsyncIterator[Event]:
-    """OpenAI `chat.completion.chunk` objects only (OpenAI clients cannot parse other events):
-    the role, the text deltas, then the finish reason."""
-    def chunk(delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
+async def chat_chunks(jobs: list[Job], completion_id: str, created: int, model: str,
+                      include_usage: bool = False) -> AsyncIterator[Event]:
+    """OpenAI `chat.completion.chunk` objects only (OpenAI clients cannot parse other events),
+    one choice after another: the role, the text deltas (an answer, or an image's thought), an
+    image's step `progress`, the image as a content part; then the finish reason. With
+    `include_usage`, a last chunk with the usage."""
+    def chunk(index: int, delta: ChatDelta, finish_reason: str | None = None, **extra) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=completion_id, created=created, model=model,
-                                   choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
+                                   choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish_reason)],
+                                   **extra)
 
     try:
-        yield chunk(ChatDelta(role="assistant"))
-        async for event in job.stream():
-            if event["type"] == "text":
-                yield chunk(ChatDelta(content=event["delta"]))
-        yield chunk(ChatDelta(), job.future.result().finish_reason)
+        for index, job in enumerate(jobs):
+            yield chunk(index, ChatDelta(role="assistant"))
+            async for event in job.stream():
+                if event["type"] in ("text", "thought"):
+                    yield chunk(index, ChatDelta(content=event["delta"]))
+                elif event["type"] == "progress":
+                    yield chunk(index, ChatDelta(), progress=StepProgress(step=event["step"],
+                                                                         num_steps=event["num_steps"]))
+            output = job.future.result()
+            if isinstance(output, ImageOutput):
+                yield chunk(index, ChatDelta(content=image_content(output)[:1]))
+                yield chunk(index, ChatDelta(), "stop")
+            else:
+                yield chunk(index, ChatDelta(), output.finish_reason)
+        if include_usage:
+            yield ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[],
+                                      usage=Usage.of([job.future.result() for job in jobs]))
     finally:
-        job.cancel()
+        cancel_all(jobs)

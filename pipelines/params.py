@@ -1,8 +1,8 @@
 """Inference parameters, with the official BAGEL names and per-task defaults.
 
 Defaults follow the official notebook (text-to-image: cfg_img_scale 1.0; editing: cfg_img_scale
-2.0, cfg_interval [0, 1], text_channel renorm). `validate()` raises `InvalidRequest` naming the
-field before any model work.
+2.0, cfg_interval [0, 1], text_channel renorm). `validate()` raises one `InvalidRequest` naming
+every field out of range, before any model work.
 """
 from __future__ import annotations
 
@@ -32,27 +32,31 @@ class ImageParams:
     width: int | None = None  # must stay None when an input image fixes the output size
 
     def validate(self, max_side: int, stride: int) -> ImageParams:
-        _check(_number(self.cfg_text_scale) and 1.0 <= self.cfg_text_scale <= 100.0,
-               "cfg_text_scale", "must be in [1, 100]")
-        _check(_number(self.cfg_img_scale) and 1.0 <= self.cfg_img_scale <= 100.0,
-               "cfg_img_scale", "must be in [1, 100]")
-        _check(isinstance(self.cfg_interval, (tuple, list)) and len(self.cfg_interval) == 2
-               and all(_number(v) for v in self.cfg_interval)
-               and 0.0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1.0,
-               "cfg_interval", "must be [start, end] with 0 <= start <= end <= 1")
-        _check(_number(self.timestep_shift) and 0.0 < self.timestep_shift <= 100.0,
-               "timestep_shift", "must be in (0, 100]")
-        _check(_integer(self.num_timesteps) and 2 <= self.num_timesteps <= 1000, "num_timesteps",
-               "must be an integer in [2, 1000]")
-        _check(_number(self.cfg_renorm_min) and 0.0 <= self.cfg_renorm_min <= 1.0,
-               "cfg_renorm_min", "must be in [0, 1]")
-        _check(_integer(self.cfg_refresh_interval) and 1 <= self.cfg_refresh_interval <= 10,
-               "cfg_refresh_interval", "must be an integer in [1, 10]")
-        _check(self.cfg_renorm_type in RENORM_TYPES, "cfg_renorm_type", f"must be one of {list(RENORM_TYPES)}")
+        """Raises one `InvalidRequest` naming every field out of range."""
+        interval = self.cfg_interval
+        checks = [
+            (_number(self.cfg_text_scale) and 1.0 <= self.cfg_text_scale <= 100.0,
+             "cfg_text_scale", "must be in [1, 100]"),
+            (_number(self.cfg_img_scale) and 1.0 <= self.cfg_img_scale <= 100.0,
+             "cfg_img_scale", "must be in [1, 100]"),
+            (isinstance(interval, (tuple, list)) and len(interval) == 2 and all(_number(v) for v in interval)
+             and 0.0 <= interval[0] <= interval[1] <= 1.0,
+             "cfg_interval", "must be [start, end] with 0 <= start <= end <= 1"),
+            (_number(self.timestep_shift) and 0.0 < self.timestep_shift <= 100.0,
+             "timestep_shift", "must be in (0, 100]"),
+            (_integer(self.num_timesteps) and 2 <= self.num_timesteps <= 1000,
+             "num_timesteps", "must be an integer in [2, 1000]"),
+            (_number(self.cfg_renorm_min) and 0.0 <= self.cfg_renorm_min <= 1.0,
+             "cfg_renorm_min", "must be in [0, 1]"),
+            (_integer(self.cfg_refresh_interval) and 1 <= self.cfg_refresh_interval <= 10,
+             "cfg_refresh_interval", "must be an integer in [1, 10]"),
+            (self.cfg_renorm_type in RENORM_TYPES, "cfg_renorm_type", f"must be one of {list(RENORM_TYPES)}"),
+        ]
         for name in ("height", "width"):
             value = getattr(self, name)
-            _check(value is None or (_integer(value) and stride <= value <= max_side and value % stride == 0),
-                   name, f"must be an integer multiple of {stride} in [{stride}, {max_side}], got {value}")
+            checks.append((value is None or (_integer(value) and stride <= value <= max_side and value % stride == 0),
+                           name, f"must be an integer multiple of {stride} in [{stride}, {max_side}], got {value}"))
+        _report(checks)
         return self
 
 
@@ -61,7 +65,10 @@ EDIT_DEFAULTS = ImageParams(cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_reno
 
 @dataclass(frozen=True)
 class TextParams:
-    """Text decoding: greedy by default, else plain temperature sampling (no top-k/top-p).
+    """Text decoding: greedy by default, else temperature sampling, optionally from the
+    smallest set of tokens whose probability reaches `top_p` (the official decoder has no
+    top-p: 1.0). Generation also ends where the text first contains one of `stop` (the
+    stop string is not part of the result).
 
     `max_new_tokens` counts generated tokens; the official `max_think_token_n` is one more
     (it counts the leading <|im_start|>)."""
@@ -69,12 +76,19 @@ class TextParams:
     max_new_tokens: int = 999
     do_sample: bool = False
     temperature: float = 0.3
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
 
     def validate(self, limit: int = 32768) -> TextParams:
-        _check(_integer(self.max_new_tokens) and 1 <= self.max_new_tokens <= limit, "max_new_tokens",
-               f"must be an integer in [1, {limit}]")
-        _check(_number(self.temperature) and 0.0 <= self.temperature <= 10.0,
-               "temperature", "must be in [0, 10]")
+        """Raises one `InvalidRequest` naming every field out of range."""
+        _report([
+            (_integer(self.max_new_tokens) and 1 <= self.max_new_tokens <= limit, "max_new_tokens",
+             f"must be an integer in [1, {limit}]"),
+            (_number(self.temperature) and 0.0 <= self.temperature <= 10.0, "temperature", "must be in [0, 10]"),
+            (_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
+            (isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop),
+             "stop", "must be non-empty strings"),
+        ])
         return self
 
 
@@ -97,6 +111,9 @@ def _integer(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
-def _check(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise InvalidRequest(f"{field} {message}")
+def _report(checks: list[tuple[bool, str, str]]) -> None:
+    """Raise one InvalidRequest for every failed (ok, field, message) check."""
+    bad = [(field, message) for ok, field, message in checks if not ok]
+    if bad:
+        raise InvalidRequest("; ".join(f"{field} {message}" for field, message in bad),
+                             param=",".join(field for field, _ in bad))

@@ -43,6 +43,7 @@ GEN_THINK_SYSTEM_PROMPT = (
 class TextResult:
     text: str
     token_ids: list[int]
+    finish_reason: str = "stop"  # "length": ended by max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -54,33 +55,40 @@ class ImageResult:
 
 def generate_image(executor: Executor, items: list[Item], params: ImageParams, *, think: bool = False,
                    text_params: TextParams = TextParams(), noise: NoiseSource | None = None,
-                   request_id: str | None = None,
+                   negative_prompt: str | None = None, request_id: str | None = None,
                    on_step: Callable[[StepProgress], None] | None = None,
                    on_text: Callable[[str], None] | None = None) -> ImageResult:
-    """Text-to-image (items = [prompt]), editing ([image, prompt]) or any interleaving."""
-    cfg = executor.config
-    _check_items(items, need_text=True)
+    """Text-to-image (items = [prompt]), editing ([image, prompt]) or any interleaving.
+
+    The output has params' height and width; where unset, the (last) input image's size, else
+    the model's largest square. A `negative_prompt` is appended to the text-free guidance
+    branch, which otherwise holds only what precedes the last text (nothing, for
+    text-to-image): guidance then pushes away from it; empty or None is the official sampler."""
+    cfg, tok = executor.config, executor.tokenizer
+    items = _prompt_items(items, tok, need_text=True)
+    negative = tok.clean_prompt(negative_prompt or "").strip()
     params.validate(cfg.max_image_side, cfg.latent_downsample)
     text_params.validate()
     noise = noise or NoiseSource()
     with Session(executor, request_id) as session:
         cond, cfg_text, cfg_img = session.new("cond"), session.new("cfg_text"), session.new("cfg_img")
-        size = (params.height or cfg.max_image_side, params.width or cfg.max_image_side)
-        if any(isinstance(i, Image.Image) for i in items) and (params.height or params.width):
-            raise InvalidRequest("height and width cannot be set with an input image: the output takes its size")
+        size = (cfg.max_image_side, cfg.max_image_side)
         if think:
-            session.append_text([cond, cfg_img], executor.tokenizer.encode(GEN_THINK_SYSTEM_PROMPT))
+            session.append_text([cond, cfg_img], tok.encode(GEN_THINK_SYSTEM_PROMPT))
         for item in items:
             if isinstance(item, str):
                 cfg_text = _refork(session, cond, cfg_text)
-                session.append_text([cond, cfg_img], executor.tokenizer.encode(item))
+                session.append_text([cond, cfg_img], tok.encode(item))
             else:
                 size = _append_image(session, cond, item, noise, with_vae=True)
                 cfg_text = _refork(session, cond, cfg_text)
+        if negative:
+            session.append_text([cfg_text], tok.encode(negative))
+        size = (params.height or size[0], params.width or size[1])
         thought = None
         if think:
             thought = _generate(session, cond, text_params, noise.generator, on_text)
-            session.append_text([cond], executor.tokenizer.encode(thought.text))
+            session.append_text([cond], tok.encode(thought.text))
         grid = (size[0] // cfg.latent_downsample, size[1] // cfg.latent_downsample)
         x = noise.randn(grid[0] * grid[1], cfg.patch_latent_dim)
         contexts = {Branch.COND: cond, Branch.CFG_TEXT: cfg_text, Branch.CFG_IMG: cfg_img}
@@ -94,7 +102,7 @@ def understand(executor: Executor, items: list[Item], text_params: TextParams = 
                think: bool = False, seed: int | None = None, request_id: str | None = None,
                on_text: Callable[[str], None] | None = None) -> TextResult:
     """Answer about the items (images enter through the ViT only)."""
-    _check_items(items, need_text=False)
+    items = _prompt_items(items, executor.tokenizer, need_text=False)
     text_params.validate()
     noise = NoiseSource(seed)
     with Session(executor, request_id) as session:
@@ -111,12 +119,18 @@ def understand(executor: Executor, items: list[Item], text_params: TextParams = 
 
 def _generate(session: Session, context: Context, params: TextParams, generator: torch.Generator,
               on_text: Callable[[str], None] | None) -> TextResult:
-    stream = TextStream(session.executor.tokenizer)
+    stream = TextStream(session.executor.tokenizer, params.stop)
     for token in generate_text(session, context, params, generator):
         delta = stream.push(token)
         if delta and on_text is not None:
             on_text(delta)
-    return TextResult(stream.finish(), stream.ids)
+        if stream.stopped:
+            break
+    rest = stream.finish()
+    if rest and on_text is not None:
+        on_text(rest)
+    length = not stream.stopped and len(stream.ids) >= params.max_new_tokens
+    return TextResult(stream.text, stream.ids, "length" if length else "stop")
 
 
 def _refork(session: Session, cond: Context, old: Context) -> Context:
@@ -143,14 +157,20 @@ def _append_image(session: Session, context: Context, image: Image.Image, noise:
     return height, width
 
 
-def _check_items(items: list[Item], need_text: bool) -> None:
+def _prompt_items(items: list[Item], tokenizer, need_text: bool) -> list[Item]:
+    """The items with chat-template markup removed from their text (BagelTokenizer.clean_prompt),
+    checked: strings and images only, no empty text, text present where needed."""
     if not items:
         raise InvalidRequest("the input is empty: give at least one text or image")
+    cleaned = []
     for item in items:
         if isinstance(item, str):
+            item = tokenizer.clean_prompt(item)
             if not item.strip():
                 raise InvalidRequest("a text input is empty")
         elif not isinstance(item, Image.Image):
             raise InvalidRequest(f"inputs must be strings or images, got {type(item).__name__}")
-    if need_text and not any(isinstance(i, str) for i in items):
+        cleaned.append(item)
+    if need_text and not any(isinstance(i, str) for i in cleaned):
         raise InvalidRequest("image generation needs a text prompt")
+    return cleaned

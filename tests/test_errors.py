@@ -152,13 +152,28 @@ def test_image_only_generation_is_refused(counting):
     assert len(result.token_ids) <= 2
 
 
-@pytest.mark.parametrize("size", [dict(height=64), dict(width=64), dict(height=64, width=64)])
-def test_size_with_an_input_image_is_refused(size, counting):
-    params = replace(EDIT_DEFAULTS, num_timesteps=3, **size)
-    with pytest.raises(InvalidRequest, match="height and width") as info:
-        generate_image(counting, [image(), "make it blue"], params)
+def test_size_with_an_input_image_sets_the_canvas(executor):
+    """Without a size an edit's output takes the input image's (VAE-resized) size; a given
+    height or width replaces that side (as vLLM-Omni's BAGEL does)."""
+    edit = replace(EDIT_DEFAULTS, num_timesteps=2)
+    size = generate_image(executor, [image(), "make it blue"], edit, noise=NoiseSource(seed=0)).image.size
+    assert generate_image(executor, [image(), "make it blue"], replace(edit, height=32, width=48),
+                          noise=NoiseSource(seed=0)).image.size == (48, 32)
+    assert generate_image(executor, [image(), "make it blue"], replace(edit, height=32),
+                          noise=NoiseSource(seed=0)).image.size == (size[0], 32)
+    assert executor.live_contexts() == []
+
+
+def test_all_bad_fields_are_named_at_once(counting):
+    params = replace(FAST, cfg_text_scale=0.5, timestep_shift=0.0, height=100)
+    with pytest.raises(InvalidRequest) as info:
+        generate_image(counting, ["a prompt"], params)
+    assert info.value.param == "cfg_text_scale,timestep_shift,height"
+    assert all(f in str(info.value) for f in ("cfg_text_scale must", "timestep_shift must", "height must"))
+    with pytest.raises(InvalidRequest) as info:
+        TextParams(max_new_tokens=0, temperature=-1.0, top_p=0.0, stop=("",)).validate()
+    assert info.value.param == "max_new_tokens,temperature,top_p,stop"
     assert counting.calls == 0
-    assert not isinstance(info.value, InvalidImage)
 
 
 @pytest.mark.parametrize("field,params", [

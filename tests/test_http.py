@@ -82,7 +82,15 @@ def test_openapi_describes_requests_and_responses():
         [operation] = paths[path].values()
         assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(model)
         assert operation["responses"]["429"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
-    edit = paths["/v1/images/edits"]["post"]["requestBody"]["content"]
-    assert set(edit) == {"application/json", "multipart/form-data"}
-    assert {"prompt", "image"} <= set(edit["application/json"]["schema"]["required"])
-    assert paths["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    def request_schema(path: str, content_type: str = "application/json") -> dict:
+        ref = paths[path]["post"]["requestBody"]["content"][content_type]["schema"]["$ref"]
+        return doc["components"]["schemas"][ref.removeprefix("#/components/schemas/")]
+
+    assert set(paths["/v1/images/edits"]["post"]["requestBody"]["content"]) == {"application/json",
+                                                                               "multipart/form-data"}
+    assert {"prompt", "image"} <= set(request_schema("/v1/images/edits")["required"])
+    assert request_schema("/v1/images/generations")["required"] == ["prompt"]
+    chat = request_schema("/v1/chat/completions")
+    assert chat["required"] == ["messages"] and {"modalities", "negative_prompt", "stop"} <= set(chat["properties"])
+    message = chat["properties"]["messages"]["items"]["$ref"].removeprefix("#/components/schemas/")
+    assert "role" in doc["components"]["schemas"][message]["properties"]
