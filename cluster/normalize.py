@@ -44,7 +44,7 @@ ALIASES = {
 # Per route: the text knobs mean the thought on the images routes, the answer on chat.
 ROUTE_ALIASES = {
     "images": {"think_do_sample": "do_sample", "think_temperature": "text_temperature",
-               "max_output_tokens": "max_think_tokens"},
+               "max_output_tokens": "max_think_tokens", "max_tokens": "max_think_tokens"},  # M*
     "chat": {"max_new_tokens": "max_completion_tokens", "max_output_tokens": "max_completion_tokens",
              "text_temperature": "temperature", "think_temperature": "temperature",
              "think_do_sample": "do_sample"},
@@ -62,7 +62,9 @@ class OnlyOff:
 IGNORE_USER = "an end-user id for abuse monitoring; there is none here"
 IMAGE_IGNORED = {
     "user": IGNORE_USER,
+    "safety_identifier": IGNORE_USER,
     "moderation": "there is no content moderation here ('auto' and 'low' alike)",
+    "complexity": "planning effort of OpenAI's image models; BAGEL plans in think mode (think)",
     "style": "DALL-E 3's vivid/natural style; BAGEL has no style switch",
     "input_fidelity": "BAGEL always sees the whole input image (VAE latents and ViT features)",
     "generator_device": "SGLang's noise device; noise is drawn on the CPU as in the official code, "
@@ -70,6 +72,9 @@ IMAGE_IGNORED = {
 }
 IMAGE_ONLY_OFF = {
     "background": OnlyOff((None, "auto", "opaque"), "BAGEL draws opaque RGB images; transparency is not possible"),
+    "frame_count": OnlyOff((None,), "BAGEL draws still images (no GIF output)"),
+    "frame_duration_ms": OnlyOff((None,), "BAGEL draws still images (no GIF output)"),
+    "svg": OnlyOff((None,), "BAGEL draws raster images (no SVG output)"),
     "enable_taylorseer": OnlyOff((None, False), "TaylorSeer feature caching (an approximation) is not implemented"),
     "image_preprocess": OnlyOff((None, "default"), "input images are resized as the official BAGEL code does"),
 }
@@ -83,6 +88,8 @@ IGNORED = {
         "service_tier": "there is one processing tier here",
         "prompt_cache_key": "a routing hint for OpenAI's prompt cache",
         "prompt_cache_retention": "a setting of OpenAI's prompt cache",
+        "prompt_cache_options": "a setting of OpenAI's prompt cache",
+        "moderation": IMAGE_IGNORED["moderation"],
         "verbosity": "a hint for OpenAI's reasoning models; BAGEL answers as it does",
         "parallel_tool_calls": "there are no tools here",
         "generator_device": IMAGE_IGNORED["generator_device"],
@@ -92,7 +99,9 @@ ONLY_OFF = {
     "images": IMAGE_ONLY_OFF,
     "edits": {**IMAGE_ONLY_OFF,
               "mask": OnlyOff((None,), "BAGEL edits follow the instruction over the whole image; "
-                                       "inpainting masks are not supported")},
+                                       "inpainting masks are not supported"),
+              "markup": OnlyOff((None,), "BAGEL edits follow the instruction over the whole image; "
+                                         "markup overlays are not supported")},
     "chat": {
         "logprobs": OnlyOff((None, False), "token log-probabilities are not returned"),
         "top_logprobs": OnlyOff((None, 0), "token log-probabilities are not returned"),

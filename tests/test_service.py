@@ -84,7 +84,7 @@ class Reference:
 
     @lru_cache(maxsize=None)
     def chat(self, question: str, max_tokens: int, with_image: bool = True, think: bool = False) -> TextResult:
-        items = [question, open_image(self.input_png)] if with_image else [question]
+        items = [open_image(self.input_png), question] if with_image else [question]
         result = understand(self.executor, items, TextParams(max_new_tokens=max_tokens), think=think)
         self._check_idle()
         return result
@@ -249,7 +249,7 @@ def test_handle_edit(app):
 
 def test_handle_understand(app):
     out = app.handle.understand.remote(
-        TextTask([QUESTION, app.input_png], TextParams(max_new_tokens=CHAT_TOKENS))).result(timeout_s=120)
+        TextTask([app.input_png, QUESTION], TextParams(max_new_tokens=CHAT_TOKENS))).result(timeout_s=120)
     expected = app.ref.chat(QUESTION, CHAT_TOKENS)
     assert isinstance(out, TextOutput)
     assert expected.text.strip()
@@ -478,7 +478,7 @@ BAD_REQUESTS = {
     "gen-steps-not-int": (GEN, {"json": {"prompt": "x", "num_timesteps": "many"}}, ["num_timesteps", "integer"]),
     "gen-prompt-not-str": (GEN, {"json": {"prompt": 5}}, ["prompt", "string"]),
     "gen-scale-not-number": (GEN, {"json": {"prompt": "x", "cfg_text_scale": [4]}}, ["cfg_text_scale", "number"]),
-    "gen-unknown-field": (GEN, {"json": {"prompt": "x", "steps": 3}}, ["steps", "not permitted"]),
+    "gen-unknown-field": (GEN, {"json": {"prompt": "x", "steps": 3}}, ["steps", "unknown field"]),
     "gen-refresh-zero": (GEN, {"json": {"prompt": "x", "cfg_refresh_interval": 0}}, ["cfg_refresh_interval", "[1, 10]"]),
     "gen-size-too-large": (GEN, {"json": {"prompt": "x", "size": "512x64"}}, ["width", "256", "512"]),
     "gen-size-not-16": (GEN, {"json": {"prompt": "x", "size": "64x72"}}, ["height", "multiple of 16", "72"]),
@@ -492,7 +492,7 @@ BAD_REQUESTS = {
     "gen-text-scale-below-1": (GEN, {"json": {"prompt": "x", "cfg_text_scale": 0.5}}, ["cfg_text_scale", "[1, 100]"]),
     "gen-too-many-steps": (GEN, {"json": {"prompt": "x", "num_timesteps": 5000}}, ["num_timesteps", "at most 200"]),
     "gen-negative-seed": (GEN, {"json": {"prompt": "x", "seed": -1}}, ["seed", "greater than or equal to 0"]),
-    "gen-body-list": (GEN, {"json": [{"prompt": "x"}]}, ["dictionary"]),
+    "gen-body-list": (GEN, {"json": [{"prompt": "x"}]}, ["JSON object"]),
     "gen-body-not-json": (GEN, {"content": b"prompt=x", "headers": {"content-type": "application/json"}}, ["JSON"]),
     # Streamed requests are checked before the stream starts (its status would be 200).
     "gen-stream-size-too-large": (GEN, {"json": {"prompt": "x", "size": "64x512", "stream": True}},
@@ -510,13 +510,16 @@ BAD_REQUESTS = {
                           ["not a decodable image"]),
     "edit-multipart-not-an-image": (EDITS, {"files": {"image": ("a.png", b"\x89PNG garbage", "image/png")},
                                             "data": {"prompt": "x"}}, ["not a decodable image"]),
-    "edit-size-set": (EDITS, {"json": {"prompt": "x", "image": PNG, "size": "64x64"}}, ["size", "leave size unset"]),
+    "edit-size-too-large": (EDITS, {"json": {"prompt": "x", "image": PNG, "size": "64x512"}}, ["height", "256"]),
+    "edit-too-many-images": (EDITS, {"json": {"prompt": "x", "image": [PNG] * 5}}, ["at most 4 images"]),
     "edit-missing-image": (EDITS, {"json": {"prompt": "x"}}, ["image", "required"]),
     "edit-empty-prompt": (EDITS, {"files": {"image": PNG_FILE}, "data": {"prompt": ""}},
                           ["prompt", "at least 1 character"]),
     "edit-steps-not-int": (EDITS, {"files": {"image": PNG_FILE},
                                    "data": {"prompt": "x", "num_timesteps": "four"}}, ["num_timesteps", "integer"]),
-    "edit-unknown-field": (EDITS, {"json": {"prompt": "x", "image": PNG, "mask": PNG}}, ["mask", "not permitted"]),
+    "edit-mask": (EDITS, {"json": {"prompt": "x", "image": PNG, "mask": PNG}}, ["mask", "not supported"]),
+    "edit-unknown-field": (EDITS, {"files": {"image": PNG_FILE}, "data": {"prompt": "x", "strength": "0.5"}},
+                           ["strength", "unknown field"]),
     "edit-body-not-object": (EDITS, {"json": ["x"]}, ["JSON object"]),
     "edit-body-not-json": (EDITS, {"content": b"{oops", "headers": {"content-type": "application/json"}}, ["JSON"]),
     "chat-no-text": (CHAT, {"json": {"messages": [{"role": "user", "content": [
@@ -536,14 +539,21 @@ BAD_REQUESTS = {
         ["not a decodable image"]),
     "chat-no-messages": (CHAT, {"json": {"messages": []}}, ["messages", "at least 1"]),
     "chat-bad-role": (CHAT, {"json": {"messages": [{"role": "robot", "content": "hi"}]}}, ["role"]),
-    "chat-unknown-field": (CHAT, {"json": {"messages": [{"role": "user", "content": "hi"}], "top_k": 5}},
-                           ["top_k", "not permitted"]),
+    "chat-unknown-field": (CHAT, {"json": {"messages": [{"role": "user", "content": "hi"}], "top_z": 5}},
+                           ["top_z", "unknown field", "top_k"]),
+    "chat-top-k": (CHAT, {"json": {"messages": [{"role": "user", "content": "hi"}], "top_k": 5}},
+                   ["top_k", "not supported", "top-k"]),
+    "chat-logprobs": (CHAT, {"json": {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}},
+                      ["logprobs", "not supported"]),
+    "chat-audio-modality": (CHAT, {"json": {"messages": [{"role": "user", "content": "hi"}],
+                                            "modalities": ["audio"]}}, ["modalities", "'text' or 'image'"]),
     "chat-max-tokens-zero": (CHAT, {"json": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}},
                              ["max_tokens", "greater than or equal to 1"]),
     "chat-max-tokens-too-large": (CHAT, {"json": {"messages": [{"role": "user", "content": "hi"}],
                                                   "max_tokens": 10**6}}, ["max_tokens", "at most 4096"]),
-    "chat-n-2": (CHAT, {"json": {"messages": [{"role": "user", "content": "hi"}], "n": 2}}, ["n:", "less than or equal to 1"]),
-    "chat-body-string": (CHAT, {"json": "hello"}, ["dictionary"]),
+    "chat-n-too-large": (CHAT, {"json": {"messages": [{"role": "user", "content": "hi"}], "n": 5}},
+                         ["n must be at most 4"]),
+    "chat-body-string": (CHAT, {"json": "hello"}, ["JSON object"]),
 }
 
 
