@@ -146,6 +146,8 @@ def _add_image_knobs(p: argparse.ArgumentParser, base) -> None:
     g.add_argument("--cfg-refresh-interval", type=int, metavar="K",
                    help="APPROXIMATE when K > 1, and faster: run the guidance branches every K-th guided step "
                         "only, estimating them in between (default: 1, exact)")
+    g.add_argument("--negative-prompt", metavar="TEXT",
+                   help="what to steer away from: the text guidance branch's context instead of no text")
     g.add_argument("--seed", type=int, help="random seed (default: a random one, printed on stderr)")
 
 
@@ -227,7 +229,8 @@ def _run_image_task(args: argparse.Namespace, items: list, params, output: Path)
     progress = _StepBar()
     try:
         result = generate_image(model.executor, items, params, think=args.think, text_params=text_params,
-                                noise=NoiseSource(seed), on_step=progress, on_text=_print_stream)
+                                noise=NoiseSource(seed), negative_prompt=args.negative_prompt, on_step=progress,
+                                on_text=_print_stream)
     finally:
         progress.close()
     try:

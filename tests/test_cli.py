@@ -67,6 +67,15 @@ def test_generate_same_seed_same_image(tmp_path, capsys, generated):
         assert a.tobytes() == b.tobytes()
 
 
+def test_generate_negative_prompt_changes_the_image(tmp_path, capsys, generated):
+    out = tmp_path / "negative.png"
+    code, _, stderr = run(capsys, "generate", "a red fox", "-o", str(out), "--height", "64", "--width", "96", *FAST,
+                          "--negative-prompt", "blurry")
+    assert code == 0, stderr
+    with Image.open(out) as a, Image.open(generated) as b:
+        assert a.size == b.size and a.tobytes() != b.tobytes()
+
+
 def test_generate_think_prints_the_thought(tmp_path, capsys):
     out = tmp_path / "think.png"
     code, stdout, stderr = run(capsys, "generate", "a cat", "-o", str(out), "--height", "32", "--width", "32",

@@ -540,7 +540,7 @@ BAD_REQUESTS = {
     "chat-no-messages": (CHAT, {"json": {"messages": []}}, ["messages", "at least 1"]),
     "chat-bad-role": (CHAT, {"json": {"messages": [{"role": "robot", "content": "hi"}]}}, ["role"]),
     "chat-unknown-field": (CHAT, {"json": {"messages": [{"role": "user", "content": "hi"}], "top_z": 5}},
-                           ["top_z", "unknown field", "top_k"]),
+                           ["top_z", "unknown field", "top_p"]),
     "chat-top-k": (CHAT, {"json": {"messages": [{"role": "user", "content": "hi"}], "top_k": 5}},
                    ["top_k", "not supported", "top-k"]),
     "chat-logprobs": (CHAT, {"json": {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}},
