@@ -123,7 +123,8 @@ ONLY_OFF = {
         "image_preprocess": IMAGE_ONLY_OFF["image_preprocess"],
     },
 }
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+MAX_SHOWN, MAX_NAME = 20, 60  # problems listed in one error, characters of a field name
 
 
 def parse(body: object, model: type[Model]) -> Model:
@@ -162,12 +163,11 @@ def normalize(body: object, model: type[BaseModel]) -> tuple[dict, list[tuple[st
         elif name in ONLY_OFF[api]:
             rule, value = ONLY_OFF[api][name], fields.pop(name)
             if not any(_same(value, off) for off in rule.off):
-                allowed = " or ".join(json.dumps(o) for o in rule.off)
-                problems.append((name, f"{json.dumps(value, default=str)[:60]} is not supported: {rule.why} "
-                                       f"(leave it unset or {allowed})"))
+                allowed = "".join(f" or {json.dumps(o)}" for o in rule.off if o is not None)
+                problems.append((name, f"{_show(value)} is not supported: {rule.why} (leave it unset{allowed})"))
         else:
             del fields[name]
-            close = difflib.get_close_matches(name, [*known, *aliases, *IGNORED[api], *ONLY_OFF[api]], n=1)
+            close = difflib.get_close_matches(name[:MAX_NAME], [*known, *aliases, *IGNORED[api], *ONLY_OFF[api]], n=1)
             problems.append((name, "unknown field" + (f" (did you mean '{close[0]}'?)" if close else "")))
     return fields, problems
 
@@ -179,9 +179,12 @@ def validation_problems(errors: list[dict]) -> list[tuple[str, str]]:
 
 
 def problems_error(problems: list[tuple[str, str]]) -> InvalidRequest:
-    """One error naming every (field, message); `param` lists the fields."""
-    fields = list(dict.fromkeys(field for field, _ in problems))
-    return InvalidRequest("; ".join(f"{field}: {message}" for field, message in problems), param=",".join(fields))
+    """One error naming every (field, message), the first MAX_SHOWN of a hostile flood; `param`
+    lists the fields."""
+    shown = [(field[:MAX_NAME], message) for field, message in problems[:MAX_SHOWN]]
+    more = f"; and {len(problems) - MAX_SHOWN} more problems" if len(problems) > MAX_SHOWN else ""
+    fields = list(dict.fromkeys(field for field, _ in shown))
+    return InvalidRequest("; ".join(f"{field}: {message}" for field, message in shown) + more, param=",".join(fields))
 
 
 def _unwrap(fields: dict, problems: list) -> dict:

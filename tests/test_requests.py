@@ -222,3 +222,10 @@ def test_model_by_id(client):
     assert r.json() == {"error": {"message": "The model 'ByteDance-Seed/BAGEL-7B-MoT' does not exist; this service "
                                              "serves 'bagel-demo'", "type": "invalid_request_error",
                                   "param": "model", "code": "model_not_found"}}
+
+
+def test_a_flood_of_unknown_fields_gives_a_bounded_error():
+    body = {"prompt": "x", **{f"field_{i}_" + "x" * 5000: i for i in range(500)}}
+    message, param = problems(body, ImageGenerationRequest)
+    assert len(message) < 4000 and message.endswith("and 480 more problems")
+    assert len(param.split(",")) == 20
