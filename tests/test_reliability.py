@@ -251,7 +251,7 @@ def malformed_requests(count: int, seed: int = 0) -> list[tuple[str, object]]:
         elif kind == 2:
             body["size"] = rng.choice(["64", "64x", "x64", "0x0", "100000x64", "64x65", "-64x64", "🦊x🦊"])
         elif kind == 3:
-            body[rng.choice(["foo", "guidance", "negative_prompt", "🦊"])] = rng.choice(wrong)
+            body[rng.choice(["foo", "guidance", "negative_promt", "🦊"])] = rng.choice(wrong)
         elif kind == 4:
             body["prompt"] = rng.choice(["", "   ", "\n\t", "x" * 20000])
         else:
@@ -267,7 +267,7 @@ def malformed_requests(count: int, seed: int = 0) -> list[tuple[str, object]]:
         elif kind == 1:
             body.pop(rng.choice(["prompt", "image"]))
         elif kind == 2:
-            body["size"] = "64x64"
+            body["size"] = rng.choice(["64x72", "512x64", "big"])  # edits honour a valid size
         else:
             body["image"] = rng.choice(wrong[:7])
         return "/v1/images/edits", body
