@@ -54,9 +54,9 @@ class Reference:
                               think=think_tokens is not None, text_params=TextParams(max_new_tokens=think_tokens or 1))
 
     @lru_cache(maxsize=None)
-    def text(self, items: tuple, max_tokens: int, think: bool = False, stop: tuple = ()):
+    def text(self, items: tuple, max_tokens: int, think: bool = False):
         items = [open_image(self.images[i]) if i in self.images else i for i in items]
-        return understand(self.executor, items, TextParams(max_new_tokens=max_tokens, stop=stop), think=think)
+        return understand(self.executor, items, TextParams(max_new_tokens=max_tokens), think=think)
 
 
 class App:
