@@ -1,12 +1,18 @@
-"""APPROXIMATE opt-in mode: FP8 (e4m3) GEMMs for the generation expert's MLP.
+"""APPROXIMATE opt-in mode: hand-written FP8 (e4m3) GEMMs for the generation expert's MLP.
 
 The generation expert's MLP holds ~70% of a denoising forward's FLOPs. `quantize_gen_mlp`
 replaces it in every layer by `Fp8SwiGLU`: weights quantised once per output channel,
 activations per token at run time, products accumulated by `torch._scaled_mm` (FP8 tensor
 cores, H100 and later). Elsewhere the same quantised numbers are multiplied in float32, so CPU
 tests see the same rounding. Outputs differ from the exact model: benchmarks report by how much.
+
+`quantize: fp8` (quantize.py) is the maintained equivalent (torchao's float8 rowwise) for every
+linear layer; this path stays selectable until bench/quant.py has measured which is faster.
 """
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +34,13 @@ def silu_mul_quantized(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     return quantize_rows(layers.silu_mul(gate, up))
 
 
-_quantize_rows, _silu_mul_quantized = quantize_rows, silu_mul_quantized
-if torch.cuda.is_available():  # one fused kernel each on GPUs (compiled on first use)
-    _quantize_rows, _silu_mul_quantized = torch.compile(quantize_rows), torch.compile(silu_mul_quantized)
+@functools.cache
+def activation_kernels(compiled: bool) -> tuple[Callable, Callable]:
+    """(quantize_rows, silu_mul_quantized), plain or torch.compile'd (one fused kernel each,
+    compiled on first use)."""
+    if not compiled:
+        return quantize_rows, silu_mul_quantized
+    return torch.compile(quantize_rows), torch.compile(silu_mul_quantized)
 
 
 class Fp8Weight(nn.Module):
@@ -51,24 +61,28 @@ class Fp8Weight(nn.Module):
 
 
 class Fp8SwiGLU(nn.Module):
-    """`layers.SwiGLU` with FP8 GEMMs (gate and up as one)."""
+    """`layers.SwiGLU` with FP8 GEMMs (gate and up as one); `compiled`: the activation
+    quantisation runs as torch.compile'd kernels (chosen when the stage is built)."""
 
-    def __init__(self, mlp: layers.SwiGLU):
+    def __init__(self, mlp: layers.SwiGLU, compiled: bool = False):
         super().__init__()
         self.gate_up = Fp8Weight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
         self.down = Fp8Weight(mlp.down_proj.weight)
+        self.quantize_rows, self.silu_mul_quantized = activation_kernels(compiled)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        gate_up = self.gate_up.matmul(*_quantize_rows(rows), x.dtype)
-        out = self.down.matmul(*_silu_mul_quantized(*gate_up.chunk(2, dim=-1)), x.dtype)
+        gate_up = self.gate_up.matmul(*self.quantize_rows(rows), x.dtype)
+        out = self.down.matmul(*self.silu_mul_quantized(*gate_up.chunk(2, dim=-1)), x.dtype)
         out = out.reshape(*x.shape[:-1], out.shape[-1])
         return out if residual is None else residual.add_(out)
 
 
 @torch.no_grad()
-def quantize_gen_mlp(stage: BagelStage) -> BagelStage:
-    """Replace every layer's `mlp_moe_gen` by its FP8 version (in place; frees the bf16 weights)."""
+def quantize_gen_mlp(stage: BagelStage, compiled: bool | None = None) -> BagelStage:
+    """Replace every layer's `mlp_moe_gen` by its FP8 version (in place; frees the bf16 weights).
+    `compiled` (default: on CUDA) picks the activation kernels."""
+    compiled = stage.device.type == "cuda" if compiled is None else compiled
     for layer in stage.language_model.model.layers.values():
-        layer.mlp_moe_gen = Fp8SwiGLU(layer.mlp_moe_gen)
+        layer.mlp_moe_gen = Fp8SwiGLU(layer.mlp_moe_gen, compiled)
     return stage

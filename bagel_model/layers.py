@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -31,25 +31,31 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-class FusedLinear:
+class FusedLinear(nn.Module):
     """Several `nn.Linear`s reading the same input, run as one GEMM over their concatenated
     outputs. On first use their parameters become views into one concatenated tensor (no extra
     memory, names unchanged); if the parameters are replaced later (a new load, a move to another
-    device), the concatenation is made again."""
+    device), the concatenation is made again. `pack` instead stores the concatenation once, in
+    another form (quantized or compressed): it becomes this module's own `weight` and the parts
+    keep none."""
 
     def __init__(self, *linears: nn.Linear):
-        self.linears = linears
+        super().__init__()
+        self.linears = linears  # a tuple: not registered, the parts keep their checkpoint names
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
+        self.packed = False
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, *self.params())
 
     def params(self) -> tuple[Tensor, Tensor | None]:
-        """The concatenated weight and bias (None for bias-free linears)."""
-        first = self.linears[0].weight
-        if self.weight is None or first.data_ptr() != self.weight.data_ptr() or first.device != self.weight.device:
-            self._fuse()
+        """The concatenated weight (packed: in its stored form) and bias (None for bias-free
+        linears)."""
+        if not self.packed:
+            first = self.linears[0].weight
+            if self.weight is None or first.data_ptr() != self.weight.data_ptr() or first.device != self.weight.device:
+                self._fuse()
         return self.weight, self.bias
 
     @torch.no_grad()
@@ -65,11 +71,29 @@ class FusedLinear:
                 m.bias = nn.Parameter(self.bias[start:start + n], requires_grad=False)
             start += n
 
+    @torch.no_grad()
+    def pack(self, transform: Callable[[Tensor], Tensor]) -> None:
+        """Store the concatenated weight as `transform(weight)` (the bias stays dense) and drop
+        the parts' parameters."""
+        weight = torch.cat([m.weight for m in self.linears])
+        bias = torch.cat([m.bias for m in self.linears]) if self.linears[0].bias is not None else None
+        for m in self.linears:
+            m.weight = m.bias = None
+        del self.weight, self.bias
+        self.weight = nn.Parameter(transform(weight), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.packed = True
+
 
 def add_linear_(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
-    """residual += linear(x) in place, as one GEMM that adds in its epilogue (bias-free linear)."""
+    """residual += linear(x) in place: as one GEMM that adds in its epilogue for dense weights
+    (and lossless compressed ones, which decompress to the same dense tensor), else the
+    quantized weight's own GEMM and an add (bias-free linear)."""
     assert linear.bias is None, "add_linear_ takes bias-free linears"
-    return residual.addmm_(x, linear.weight.t())
+    weight = linear.weight
+    if type(weight) in (Tensor, nn.Parameter) or getattr(weight, "lossless", False):
+        return residual.addmm_(x, weight.t())
+    return residual.add_(F.linear(x, weight))
 
 
 class SwiGLU(nn.Module):

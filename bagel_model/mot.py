@@ -29,14 +29,15 @@ class MoTAttention(nn.Module):
             setattr(self, f"o_proj{suffix}", nn.Linear(cfg.num_attention_heads * hd, d, bias=False))
             setattr(self, f"q_norm{suffix}", RMSNorm(hd, cfg.rms_norm_eps))
             setattr(self, f"k_norm{suffix}", RMSNorm(hd, cfg.rms_norm_eps))
-        self.qkv = {s: FusedLinear(*(getattr(self, f"{n}_proj{s}") for n in "qkv")) for s in ("", "_moe_gen")}
+        self.qkv = nn.ModuleDict({"gen" if s else "und": FusedLinear(*(getattr(self, f"{n}_proj{s}") for n in "qkv"))
+                                  for s in ("", "_moe_gen")})
         self.attend: Attend = attend  # the stage's attention backend (`kernel_choice.use_kernels`)
 
     def qkv_rope(self, h: Tensor, cos: Tensor, sin: Tensor, gen: bool) -> tuple[Tensor, Tensor, Tensor]:
         """q [T, Hq, d] and k [T, Hkv, d] (qk-normed, rotated) and v [T, Hkv, d] of one expert;
         the three projections run as one GEMM."""
         s = "_moe_gen" if gen else ""
-        q, k, v = _unpack(self.qkv[s](h), self.num_heads, self.num_kv_heads, self.head_dim)
+        q, k, v = _unpack(self.qkv["gen" if gen else "und"](h), self.num_heads, self.num_kv_heads, self.head_dim)
         q_norm, k_norm = getattr(self, f"q_norm{s}"), getattr(self, f"k_norm{s}")
         return (layers.qk_norm_rope(q, q_norm.weight, q_norm.eps, cos, sin),
                 layers.qk_norm_rope(k, k_norm.weight, k_norm.eps, cos, sin), v)

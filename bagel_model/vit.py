@@ -40,7 +40,7 @@ class _MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class _EncoderLayer(nn.Module):
+class EncoderLayer(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -63,7 +63,7 @@ class _Embeddings(nn.Module):
 class _Encoder(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.layers = nn.ModuleList(_EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
 
 class SiglipVisionModel(nn.Module):

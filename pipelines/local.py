@@ -44,16 +44,19 @@ class LocalExecutor:
     def from_checkpoint(cls, checkpoint_dir: str | Path, *, num_stages: int = 1,
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                         vae_dtype: torch.dtype = torch.float32, fp8: bool = False,
-                        graphs: bool | None = None) -> LocalExecutor:
+                        graphs: bool | None = None, quantize: str | None = None,
+                        quantize_vit: bool = False) -> LocalExecutor:
         """`fp8`: APPROXIMATE FP8 GEMMs in the generation expert's MLP (bagel_model/fp8.py);
-        `graphs`: as in the constructor."""
+        `graphs`: as in the constructor; `quantize`: the LLM layers' weight format, also the
+        ViT's with `quantize_vit` (bagel_model/quantize.py)."""
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         tokenizer = BagelTokenizer.from_dir(checkpoint_dir)
         specs = split_layers(config.llm.num_hidden_layers, num_stages)
-        stages = [load_stage(checkpoint_dir, config, s, device=device, dtype=dtype) for s in specs]
+        stages = [load_stage(checkpoint_dir, config, s, device=device, dtype=dtype, quantize=quantize) for s in specs]
         if fp8:
             stages = [quantize_gen_mlp(s) for s in stages]
-        vision = load_vision_encoder(checkpoint_dir, config, device=device, dtype=dtype)
+        vision = load_vision_encoder(checkpoint_dir, config, device=device, dtype=dtype,
+                                     quantize=quantize if quantize_vit else None)
         vae = load_vae(checkpoint_dir, config, device=device, dtype=vae_dtype)
         return cls(config, tokenizer, stages, vision, vae, graphs=graphs)
 
