@@ -22,7 +22,9 @@ from torch import nn
 
 from .config import BagelConfig, LLMConfig, ViTConfig
 from .layers import PositionTable, sincos_2d_table
+from .loader import quantization_units
 from .model import BagelStage
+from .quantize import check_mode, quantize_module
 from .stage import full_model
 from .tokenizer import QWEN2_CONTROL_TOKENS, BagelTokenizer, build_qwen2_tokenizer
 from .transforms import ResizeRule
@@ -62,9 +64,12 @@ def init_random_weights(module: nn.Module, seed: int) -> nn.Module:
     generators: dict[torch.device, torch.Generator] = {}
     for sub in module.modules():
         if isinstance(sub, PositionTable):
-            sub.pos_embed.copy_(sincos_2d_table(sub.pos_embed.shape[1], sub.grid))
+            if not sub.pos_embed.is_meta:
+                sub.pos_embed.copy_(sincos_2d_table(sub.pos_embed.shape[1], sub.grid))
             continue
         for pname, p in sub.named_parameters(recurse=False):
+            if p.is_meta:  # not materialised yet (random_quantized fills it later)
+                continue
             if pname == "bias":
                 std, mean = 0.05, 0.0
             elif isinstance(sub, nn.Embedding):
@@ -90,6 +95,34 @@ def random_module(build: Callable[[], nn.Module], device: torch.device | str, dt
         module = build()
     module = module.to_empty(device=device).to(dtype)
     return init_random_weights(module, seed).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def random_quantized(build: Callable[[], nn.Module], device: torch.device | str, dtype: torch.dtype, seed: int,
+                     quantize: str | None) -> nn.Module:
+    """`random_module`, made one quantization unit (decoder or ViT layer) at a time, each unit
+    quantized before the next is made, as the loader does (benchmarks of quantized stages
+    without a checkpoint: the whole stage never exists in `dtype`)."""
+    if quantize is None:
+        return random_module(build, device, dtype, seed)
+    check_mode(quantize, device)
+    with torch.device("meta"):
+        module = build()
+    units = quantization_units(module)
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if not any(name.startswith(prefix) for prefix in units):
+            owner, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner)
+            real = torch.empty(tensor.shape, device=device, dtype=dtype)
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = nn.Parameter(real, requires_grad=False)
+            else:
+                owner._buffers[leaf] = real
+    init_random_weights(module, seed)
+    for i, unit in enumerate(units.values()):
+        init_random_weights(unit.to_empty(device=device).to(dtype), seed + 1 + i)
+        quantize_module(unit, quantize)
+    return module.eval().requires_grad_(False)
 
 
 def write_config_folder(path: str | Path, config: BagelConfig, tokenizer: BagelTokenizer,
