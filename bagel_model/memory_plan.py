@@ -248,9 +248,10 @@ def vae_encode_bytes(config: BagelConfig, size: int, dtype_bytes: int = 4) -> in
 
 def plan_memory(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Workload = Workload(), *,
                 num_stages: int | None = None, quantize: str | None = "auto", quantize_vit: bool = False,
-                processes: str = "serve", cuda: bool = True) -> Plan:
-    """The first layout that fits (see the module docstring); `num_stages`/`quantize` fix those
-    choices instead. Raises `InvalidRequest` naming what would fit when nothing does.
+                layer_sizes: list[int] | None = None, processes: str = "serve", cuda: bool = True) -> Plan:
+    """The first layout that fits (see the module docstring); `num_stages`, `quantize` and
+    `layer_sizes` fix those choices instead. Raises `InvalidRequest` naming what would fit
+    when nothing does.
     `cuda=False` plans for CPU memory (no CUDA context, no graph pools: the tests)."""
     if gpus < 1 or gpu_bytes <= 0:
         raise InvalidRequest(f"plan for at least one GPU with memory (got {gpus} GPUs of {gpu_bytes} bytes)")
@@ -267,7 +268,8 @@ def plan_memory(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Worklo
         for stages in ([num_stages] if num_stages else sorted({1, min(gpus, layers)})):
             if processes == "local" and stages != 1 and num_stages is None:
                 continue
-            plan = _layout(config, gpus, gpu_bytes, workload, size, stages, mode, quantize_vit, processes, cuda)
+            plan = _layout(config, gpus, gpu_bytes, workload, size, stages, mode, quantize_vit, processes, cuda,
+                           layer_sizes)
             if plan.requests >= workload.concurrency:
                 return plan
             tried.append(plan)
@@ -278,11 +280,11 @@ def plan_memory(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Worklo
             f"({_gib(best.kv_cache_bytes)} for KV, {_gib(best.request_kv_bytes)} needed)")
     raise InvalidRequest(f"no layout fits {workload.concurrency} concurrent {size}x{size} edit(s) on {gpus} GPU(s) of "
                          f"{_gib(gpu_bytes)} with quantize={quantize}: {hint}. Ask for fewer requests, a smaller "
-                         "image size, more or larger GPUs, or another weight format.\n" + best.describe())
+                         "image size, more or larger GPUs, or another weight format (bagel plan shows the arithmetic)")
 
 
 def _layout(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Workload, size: int, stages: int,
-            mode: str | None, quantize_vit: bool, processes: str, cuda: bool) -> Plan:
+            mode: str | None, quantize_vit: bool, processes: str, cuda: bool, layer_sizes: list[int] | None) -> Plan:
     layers = config.llm.num_hidden_layers
     context = [("CUDA context", CUDA_CONTEXT_BYTES)] if cuda else []
     branches = 3 if stages == 1 else 1  # edit: COND, CFG_TEXT, CFG_IMG in one micro-batch, or one each
@@ -312,7 +314,8 @@ def _layout(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Workload, 
                                       ("VAE encode", vae_encode_bytes(config, size))] + context),
                   Process("decoder", [("VAE weights", vae), ("VAE decode", vae_decode_bytes(config, size))] + context)]
         on_gpu0 = sum(p.bytes for p in extras) if gpus <= stages else 0
-        sizes = _split(layers, stages, lambda specs: [stage_process(x).bytes for x in specs], on_gpu0, gpu_bytes)
+        sizes = layer_sizes or _split(layers, stages, lambda specs: [stage_process(x).bytes for x in specs],
+                                      on_gpu0, gpu_bytes)
         placement = [[stage_process(spec)] for spec in split_layers(layers, stages, sizes)]
         placement += [[] for _ in range(gpus - stages)]
         (placement[stages] if gpus > stages else placement[0]).extend(extras)

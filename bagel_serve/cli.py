@@ -4,6 +4,7 @@
     bagel edit fox.png "make it night" -o night.png
     bagel understand --image fox.png "What animal is this?"
     bagel serve                                  # the HTTP service (ray_config.yaml)
+    bagel plan --gpus 1 --gpu-memory 24          # which layout and weight format fit
 
 The model comes from --checkpoint, else $BAGEL_CHECKPOINT, else the built-in demo model (tiny,
 RANDOM weights: its images are noise and its text is gibberish). A bad request, input image or
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .plan import QUANTIZE_CHOICES, add_plan, quantize_arg
 from .serve import add_loadtest, add_serve
 
 EXIT_OK = 0
@@ -105,6 +107,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "edit": add_edit,
     "understand": add_understand,
     "serve": add_serve,
+    "plan": add_plan,
     "loadtest": add_loadtest,
 }
 
@@ -176,6 +179,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "float32 on cpu)")
     g.add_argument("--stages", type=int, default=1, metavar="N",
                    help="split the LLM layers into N pipeline stages run one after another (default: 1)")
+    g.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="weight format of the LLM's linear layers: none (default: exact), df11 (lossless, ~70%% of "
+                        "the memory), int8, nf4, fp8 (APPROXIMATE; fp8 needs an Ada or newer GPU), auto (what the "
+                        "memory planner picks for this device)")
+    g.add_argument("--quantize-vit", action="store_true", help="also the ViT's linear layers, in the same format")
 
 
 def _device(text: str):
@@ -294,10 +302,30 @@ def load_model(args: argparse.Namespace, image_params=None) -> Model:
     layers = config.llm.num_hidden_layers
     if not 1 <= args.stages <= layers:
         raise InvalidRequest(f"stages must be in [1, {layers}] (the model has {layers} layers), got {args.stages}")
-    _info(f"loading {checkpoint} on {device} ({dtype_name}, {args.stages} stage{'s' if args.stages > 1 else ''})")
+    quantize = _quantize(args, config, device)
+    _info(f"loading {checkpoint} on {device} ({dtype_name}, {args.stages} stage{'s' if args.stages > 1 else ''}"
+          f"{', weights ' + quantize if quantize else ''})")
     executor = LocalExecutor.from_checkpoint(checkpoint, num_stages=args.stages, device=device,
-                                             dtype=getattr(torch, dtype_name))
+                                             dtype=getattr(torch, dtype_name), quantize=quantize,
+                                             quantize_vit=args.quantize_vit)
     return Model(executor, checkpoint, demo)
+
+
+def _quantize(args: argparse.Namespace, config, device) -> str | None:
+    """--quantize, with auto resolved by the memory planner for this one process and device."""
+    import torch
+
+    from bagel_model.memory_plan import plan_memory
+
+    quantize = quantize_arg(args.quantize)
+    if quantize != "auto":
+        return quantize
+    if device.type != "cuda":
+        return None
+    plan = plan_memory(config, 1, torch.cuda.get_device_properties(device).total_memory,
+                       num_stages=args.stages, quantize_vit=args.quantize_vit, processes="local")
+    _info(plan.describe())
+    return plan.quantize
 
 
 # --------------------------------------------------------------------------- helpers

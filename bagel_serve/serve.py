@@ -9,6 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
+from .plan import QUANTIZE_CHOICES, quantize_arg
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "ray_config.yaml"
 
 
@@ -19,8 +21,20 @@ def add_serve(subparsers) -> None:
     p.add_argument("--host", default=None, help="listen address (default: the config's http_options.host)")
     p.add_argument("--port", type=int, default=None, help="port (default: the config's http_options.port)")
     p.add_argument("--checkpoint", default=None, help="BAGEL checkpoint folder (default: config, $BAGEL_CHECKPOINT, demo)")
-    p.add_argument("--num-stages", type=int, default=None, help="MoT pipeline stages")
+    p.add_argument("--num-stages", type=_stages, default=None, help="MoT pipeline stages, or auto")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="weight format of the LLM's linear layers (default: the config's): none (exact bf16), "
+                        "df11 (lossless), int8, nf4, fp8 (APPROXIMATE), auto (the memory planner's choice)")
     p.set_defaults(run=run_serve)
+
+
+def _stages(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of stages or auto, got {text!r}") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -33,6 +47,8 @@ def run_serve(args: argparse.Namespace) -> int:
         app_args["checkpoint_dir"] = args.checkpoint
     if args.num_stages:
         app_args["num_stages"] = args.num_stages
+    if args.quantize:
+        app_args["quantize"] = quantize_arg(args.quantize)
     http = config.get("http_options", {})
     host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
 
@@ -43,6 +59,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from cluster.app import build_app
     from cluster.args import AppArgs
+    from cluster.plan import with_plan
 
     validated = AppArgs(**app_args)
     repo = str(Path(__file__).resolve().parent.parent)
@@ -51,6 +68,9 @@ def run_serve(args: argparse.Namespace) -> int:
         ray.init(runtime_env=runtime_env)
     else:
         ray.init(address="local", include_dashboard=False, runtime_env=runtime_env)
+    validated, plan = with_plan(validated, ray.cluster_resources().get("GPU", 0))
+    if plan is not None:
+        print(plan.describe(), flush=True)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(validated), name=app.get("name", "bagel"), route_prefix=app.get("route_prefix", "/"))
     checkpoint = validated.checkpoint_dir or "the built-in demo model (RANDOM weights: outputs are noise)"

@@ -13,15 +13,19 @@ from .decoder import Decoder
 from .devices import resolve_dtype
 from .encoder import Encoder
 from .orchestrator import Orchestrator
+from .plan import with_plan
 
 
 def build_app(args: dict | AppArgs | None = None) -> Application:
     a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
-    a = with_gpu_shares(a, ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0)
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    a, _ = with_plan(a, gpus)
+    a = with_gpu_shares(a, gpus)
     checkpoint = a.checkpoint_dir
     enc_device = a.device if a.device != "auto" else ("cuda" if a.encoder_gpus > 0 else "cpu")
     dec_device = a.device if a.device != "auto" else ("cuda" if a.decoder_gpus > 0 else "cpu")
     encoder = Encoder.options(ray_actor_options={"num_cpus": 0, "num_gpus": a.encoder_gpus}).bind(
-        checkpoint, enc_device, resolve_dtype(a.dtype, enc_device), a.random_weights)
+        checkpoint, enc_device, resolve_dtype(a.dtype, enc_device), a.random_weights,
+        a.quantize if a.quantize_vit else None)
     decoder = Decoder.options(ray_actor_options={"num_cpus": 0, "num_gpus": a.decoder_gpus}).bind(checkpoint, dec_device, a.random_weights)
     return Orchestrator.bind(a, encoder, decoder)

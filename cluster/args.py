@@ -2,15 +2,17 @@
 
 Environment variables fill what the config leaves out: BAGEL_CHECKPOINT (checkpoint folder;
 unset: the built-in demo model), BAGEL_NUM_STAGES, BAGEL_DEVICE, BAGEL_DTYPE.
+`num_stages: auto` and `quantize: auto` are filled in by the memory planner (cluster/plan.py).
 """
 from __future__ import annotations
 
 import os
-from typing import Literal
-
 import math
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
+
+from bagel_model.quantize import is_approximate
 
 
 class Limits(BaseModel):
@@ -32,7 +34,8 @@ class AppArgs(BaseModel):
 
     checkpoint_dir: str | None = Field(None, description="BAGEL checkpoint folder; null: $BAGEL_CHECKPOINT or the demo model")
     model_name: str | None = Field(None, description="model id shown by /v1/models (default: folder name)")
-    num_stages: int = Field(1, ge=1, description="pipeline stages (MoT workers)")
+    num_stages: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1, description="pipeline stages (MoT workers); auto: the memory planner's choice")
     layer_sizes: list[int] | None = Field(None, description="LLM layers per stage (default: even split)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -58,6 +61,12 @@ class AppArgs(BaseModel):
                                  "(null: on when the stages use CUDA)")
     fp8: bool = Field(False, description="APPROXIMATE: FP8 GEMMs for the generation expert's MLP (GPUs with FP8 "
                       "tensor cores); faster denoising, outputs differ from the exact model (README, Measured)")
+    quantize: Literal["df11", "fp8", "int8", "nf4", "auto"] | None = Field(
+        None, description="weight format of the LLM's linear layers: null (exact bf16), df11 (lossless, ~70% of "
+        "the size), int8, nf4, fp8 (APPROXIMATE); auto: the memory planner's choice (bagel plan)")
+    quantize_vit: bool = Field(False, description="the ViT's linear layers in the same format (encoder)")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="GPU memory the planner plans for, per GPU "
+                                         "(null: the first GPU's own); e.g. 24 on larger cards to plan for 24 GB ones")
     random_weights: bool = Field(False, description="benchmarks: random weights made on the devices; "
                                  "checkpoint_dir then needs only configs and tokenizer")
 
@@ -71,6 +80,14 @@ class AppArgs(BaseModel):
             if values.get(key) is None and os.environ.get(var):
                 values[key] = os.environ[var]
         return values
+
+
+def approximate_modes(args: AppArgs) -> list[str]:
+    """The APPROXIMATE modes these args turn on (/health lists them); df11 is exact."""
+    modes = ["fp8"] if args.fp8 else []
+    if is_approximate(args.quantize) and args.quantize not in modes:
+        modes.append(args.quantize)
+    return modes
 
 
 def gpu_shares(num_stages: int, gpus: float) -> tuple[float, float, float]:

@@ -7,7 +7,7 @@ from ray import serve
 from torch import Tensor
 
 from bagel_model.config import BagelConfig
-from bagel_model.demo import checkpoint_or_demo, random_module
+from bagel_model.demo import checkpoint_or_demo, random_module, random_quantized
 from bagel_model.loader import load_vae, load_vision_encoder
 from bagel_model.vae import AutoEncoder
 from bagel_model.vit import VisionEncoder
@@ -17,15 +17,18 @@ from .devices import resolve_device
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Encoder:
-    def __init__(self, checkpoint_dir: str | None, device: str, dtype: torch.dtype, random_weights: bool = False):
+    def __init__(self, checkpoint_dir: str | None, device: str, dtype: torch.dtype, random_weights: bool = False,
+                 quantize: str | None = None):
+        """`quantize`: the ViT layers' weight format (bagel_model/quantize.py)."""
         self.device = resolve_device(device)
         checkpoint_dir = checkpoint_or_demo(checkpoint_dir)
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         if random_weights:
-            self.vision = random_module(lambda: VisionEncoder(config), self.device, dtype, seed=100)
+            self.vision = random_quantized(lambda: VisionEncoder(config), self.device, dtype, 100, quantize)
             self.vae = random_module(lambda: AutoEncoder(config.vae), self.device, torch.float32, seed=101)
         else:
-            self.vision = load_vision_encoder(checkpoint_dir, config, device=self.device, dtype=dtype)
+            self.vision = load_vision_encoder(checkpoint_dir, config, device=self.device, dtype=dtype,
+                                              quantize=quantize)
             self.vae = load_vae(checkpoint_dir, config, device=self.device, dtype=torch.float32)
 
     def encode_vit(self, images: list[Tensor]) -> list[Tensor]:

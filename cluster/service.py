@@ -30,7 +30,7 @@ from pipelines.tasks import generate_image, understand
 
 from .admission import Admission, kv_bytes_estimate
 from .api import ImageOutput, ImageTask, TextOutput, TextTask
-from .args import AppArgs
+from .args import AppArgs, approximate_modes
 from .devices import resolve_dtype
 from .errors import Cancelled, StageFailed, describe
 from .executor import ClusterExecutor
@@ -73,7 +73,7 @@ class BagelService:
         return StageGroup(self.checkpoint, self.config.llm.num_hidden_layers, a.num_stages, device=self.device,
                           dtype=self.dtype, gpus_per_stage=a.gpus_per_stage, memory_fraction=a.stage_memory_fraction,
                           transport=a.transport, layer_sizes=a.layer_sizes, random_weights=a.random_weights,
-                          compile=a.compile, fp8=a.fp8)
+                          compile=a.compile, fp8=a.fp8, quantize=a.quantize)
 
     def _use_stages(self, group: StageGroup) -> None:
         self.executor.stages = group
@@ -207,7 +207,7 @@ class BagelService:
         """(HTTP status, body): 200 "ok" with the stages' stats; 503 "degraded" while the stage
         workers are unreachable or being replaced; 503 "failed" once they cannot be rebuilt."""
         base = {"model": self.model_name, "demo": self.is_demo, "notice": DEMO_LABEL if self.is_demo else None,
-                "approximate": ["fp8"] if self.args.fp8 else []}
+                "quantize": self.args.quantize, "approximate": approximate_modes(self.args)}
         if self.supervisor.state == "failed":
             return 503, {**base, "status": "failed", "error": self.supervisor.error}
         if self.supervisor.state == "restarting":

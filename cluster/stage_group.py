@@ -38,7 +38,8 @@ class StageGroup:
                  dtype: torch.dtype = torch.float32, gpus_per_stage: float = 0.0,
                  memory_fraction: float | None = None, transport: str = "auto",
                  layer_sizes: list[int] | None = None, random_weights: bool = False,
-                 placement_timeout_s: float = 120.0, compile: bool | None = None, fp8: bool = False):
+                 placement_timeout_s: float = 120.0, compile: bool | None = None, fp8: bool = False,
+                 quantize: str | None = None):
         self.specs = split_layers(num_layers, num_stages, layer_sizes)
         self.dtype = dtype
         self._pg = None
@@ -60,7 +61,7 @@ class StageGroup:
             if self._pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, spec.index)
             self.workers.append(worker_cls.options(**opts).remote(
-                checkpoint_dir, spec, device, dtype, memory_fraction, random_weights, compile, fp8))
+                checkpoint_dir, spec, device, dtype, memory_fraction, random_weights, compile, fp8, quantize))
         self.transport = self._choose_transport(transport, device)
         init_method = None
         if self.transport in ("gloo", "nccl") and num_stages > 1:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from bagel_model import layers
 from bagel_model.config import BagelConfig
-from bagel_model.demo import random_module
+from bagel_model.demo import random_quantized
 from bagel_model.fp8 import quantize_gen_mlp
 from bagel_model.loader import load_stage
 from bagel_model.model import BagelStage
@@ -43,7 +43,7 @@ from .transport import Handle, Transport
 class StageWorker:
     def __init__(self, checkpoint_dir: str, spec: StageSpec, device: str, dtype: torch.dtype,
                  memory_fraction: float | None = None, random_weights: bool = False, compile: bool | None = None,
-                 fp8: bool = False):
+                 fp8: bool = False, quantize: str | None = None):
         self.spec = spec
         self.device = resolve_device(device)
         if self.device.type == "cuda" and memory_fraction:
@@ -53,9 +53,9 @@ class StageWorker:
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         tokenizer = BagelTokenizer.from_dir(checkpoint_dir)
         if random_weights:
-            model = random_module(lambda: BagelStage(config, spec), self.device, dtype, seed=spec.index)
+            model = random_quantized(lambda: BagelStage(config, spec), self.device, dtype, spec.index, quantize)
         else:
-            model = load_stage(checkpoint_dir, config, spec, device=self.device, dtype=dtype)
+            model = load_stage(checkpoint_dir, config, spec, device=self.device, dtype=dtype, quantize=quantize)
         if fp8:
             quantize_gen_mlp(model)
         self.runner = StageRunner(model, (tokenizer.vision_start_id, tokenizer.vision_end_id))
