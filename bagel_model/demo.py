@@ -100,11 +100,10 @@ def random_module(build: Callable[[], nn.Module], device: torch.device | str, dt
 @torch.no_grad()
 def random_quantized(build: Callable[[], nn.Module], device: torch.device | str, dtype: torch.dtype, seed: int,
                      quantize: str | None) -> nn.Module:
-    """`random_module`, made one quantization unit (decoder or ViT layer) at a time, each unit
-    quantized before the next is made, as the loader does (benchmarks of quantized stages
-    without a checkpoint: the whole stage never exists in `dtype`)."""
-    if quantize is None:
-        return random_module(build, device, dtype, seed)
+    """Like `random_module`, but made one quantization unit (decoder or ViT layer) at a time,
+    each unit quantized (`quantize`, if any) before the next is made, as the loader does: the
+    whole module never exists in `dtype`. Unit i is seeded `seed + 1 + i`, so every format gets
+    the same weights before quantization (benchmarks compare them)."""
     check_mode(quantize, device)
     with torch.device("meta"):
         module = build()
@@ -121,7 +120,8 @@ def random_quantized(build: Callable[[], nn.Module], device: torch.device | str,
     init_random_weights(module, seed)
     for i, unit in enumerate(units.values()):
         init_random_weights(unit.to_empty(device=device).to(dtype), seed + 1 + i)
-        quantize_module(unit, quantize)
+        if quantize:
+            quantize_module(unit, quantize)
     return module.eval().requires_grad_(False)
 
 

@@ -76,7 +76,7 @@ def _load(path: Path, build: Callable[[], nn.Module], known: set[str] | None,
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
-    units = quantization_units(module) if quantize else {}
+    units = quantization_units(module) if quantize else {}  # unquantized: all tensors at once
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             names = set(f.keys())

@@ -27,7 +27,7 @@ to measured peaks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -173,10 +173,11 @@ def image_tokens(config: BagelConfig, size: int) -> tuple[int, int]:
 
 def request_kv_bytes(config: BagelConfig, size: int, prompt_tokens: int, layers: int, dtype_bytes: int = 2) -> int:
     """KV bytes one S x S edit holds on a stage of `layers` layers: the conditional context
-    (image and prompt), the text-free fork (image only) and the image-free context (prompt)."""
+    (image and prompt), the text-free fork (image only) and the image-free context (prompt);
+    a prompt block has two marker tokens more than its text."""
     vae, vit = image_tokens(config, size)
     per_token = kv_bytes_per_token(config.llm, dtype_bytes) * layers // config.llm.num_hidden_layers
-    return per_token * (2 * (vae + vit) + 2 * prompt_tokens)
+    return per_token * (2 * (vae + vit) + 2 * (prompt_tokens + 2))
 
 
 def decode_slot_bytes(config: BagelConfig, size: int, prompt_tokens: int, concurrency: int, layers: int,
@@ -263,24 +264,38 @@ def plan_memory(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Worklo
     if num_stages is not None and not 1 <= num_stages <= min(layers, gpus if processes == "serve" else layers):
         raise InvalidRequest(f"{num_stages} stages need as many GPUs and at most {layers} stages; "
                              f"there {'is' if gpus == 1 else 'are'} {gpus}")
-    tried = []
-    for mode in modes:
-        for stages in ([num_stages] if num_stages else sorted({1, min(gpus, layers)})):
-            if processes == "local" and stages != 1 and num_stages is None:
-                continue
-            plan = _layout(config, gpus, gpu_bytes, workload, size, stages, mode, quantize_vit, processes, cuda,
-                           layer_sizes)
-            if plan.requests >= workload.concurrency:
-                return plan
-            tried.append(plan)
-    best = max(tried, key=lambda p: (p.requests, p.kv_cache_bytes))
-    hint = (f"the roomiest layout tried ({best.num_stages} stage(s), {best.quantize or 'bf16'}) holds "
-            f"{best.requests} such request(s)" if best.requests > 0 else
-            f"even {best.num_stages} stage(s) with {best.quantize or 'bf16'} weights leave no room for one "
-            f"({_gib(best.kv_cache_bytes)} for KV, {_gib(best.request_kv_bytes)} needed)")
+    candidates = [(mode, stages) for mode in modes
+                  for stages in ([num_stages] if num_stages else sorted({1, min(gpus, layers)}))
+                  if processes == "serve" or stages == 1 or num_stages is not None]
+
+    def layout(mode: str | None, stages: int, load: Workload, side: int) -> Plan:
+        return _layout(config, gpus, gpu_bytes, load, side, stages, mode, quantize_vit, processes, cuda, layer_sizes)
+
+    for mode, stages in candidates:
+        plan = layout(mode, stages, workload, size)
+        if plan.requests >= workload.concurrency:
+            return plan
     raise InvalidRequest(f"no layout fits {workload.concurrency} concurrent {size}x{size} edit(s) on {gpus} GPU(s) of "
-                         f"{_gib(gpu_bytes)} with quantize={quantize}: {hint}. Ask for fewer requests, a smaller "
-                         "image size, more or larger GPUs, or another weight format (bagel plan shows the arithmetic)")
+                         f"{_gib(gpu_bytes)} with quantize={quantize}: {_what_fits(layout, candidates, workload, size)}. "
+                         "Ask for fewer requests, a smaller image size, more or larger GPUs, or another weight format "
+                         "(bagel plan shows the arithmetic)")
+
+
+def _what_fits(layout, candidates: list, workload: Workload, size: int) -> str:
+    """The most requests one of the candidate layouts holds at this size, else the largest
+    image size at which one fits."""
+    one = replace(workload, concurrency=1)
+    best = max((layout(mode, stages, one, size) for mode, stages in candidates), key=lambda p: p.requests)
+    if best.requests >= 1:
+        # decode slots grow with the concurrency: check the count before naming it
+        most = next(n for n in range(best.requests, 0, -1)
+                    if layout(best.quantize, best.num_stages, replace(workload, concurrency=n), size).requests >= n)
+        return f"the roomiest, {best.quantize or 'bf16'} weights in {best.num_stages} stage(s), holds {most} such request(s)"
+    for side in range(size - 128, 127, -128):
+        for mode, stages in candidates:
+            if layout(mode, stages, one, side).requests >= 1:
+                return f"one request fits at {side}x{side} with {mode or 'bf16'} weights in {stages} stage(s)"
+    return "not even one request of 128x128 fits"
 
 
 def _layout(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Workload, size: int, stages: int,

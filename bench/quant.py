@@ -1,0 +1,389 @@
+"""Weight formats on one GPU (bagel_model/quantize.py): memory, speed and quality against exact bf16.
+
+    python -m bench.quant --out bench/results --name quant_h200      # the full-size model, ~6 minutes
+
+For each format the whole model runs in one process capped at `--cap-gib` (a 24 GB card: the
+allocator gets the cap minus the CUDA context this process measured), with the full-size
+BAGEL-7B-MoT architecture and random bf16 weights made on the GPU one decoder layer at a time and
+quantized as they are made (no 30 GB checkpoint to write first: the layer-by-layer path is the
+loader's, only the source of the numbers differs; tests/test_quantize.py covers loading from a
+file). Every format gets the same bf16 weights (same seeds), so quality is measured against the
+exact model on the same noise:
+
+- peak allocated memory, text-to-image and edit seconds at `--size` (one run each, after one
+  short warm-up of the whole process), decode tokens/s at batch 1 and 8;
+- latent relative L2 distance and decoded-image PSNR against the exact run, greedy-token
+  agreement of a `--answer-tokens` answer about an image; df11: bit-identical or not;
+- per-layer weight reconstruction error of the first and last layers' linear weights (does not
+  depend on what the weights are), and for df11 the GPU decoder against the torch decoder;
+- the FP8 kernels compared on the same scope (the generation expert's MLP): the hand-written
+  `torch._scaled_mm` path (bagel_model/fp8.py) against torchao's float8 rowwise;
+- the memory planner's estimate (`processes="local"`) next to each measured peak, and its
+  layouts for one, two and three 24 GB cards.
+
+Runs are ordered by priority (1x24 GB df11 / int8 / nf4, then fp8, then the FP8 kernel
+comparison, then nf4 under `--nf4-cap-gib`); the JSON is rewritten after every measurement and
+runs that would start after `--budget-s` are skipped, so a timeout loses little. On the CPU with
+`--checkpoint` (the tests) everything runs on the fixture model, uncapped.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import platform
+import time
+from argparse import Namespace
+from dataclasses import replace
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bagel_model.config import BagelConfig
+from bagel_model.demo import demo_tokenizer, init_random_weights, random_module, random_quantized
+from bagel_model.df11 import Df11Tensor, decode
+from bagel_model.fp8 import quantize_gen_mlp
+from bagel_model.layers import compile_elementwise
+from bagel_model.loader import load_vae, load_vision_encoder
+from bagel_model.memory_plan import GiB, Workload, plan_memory
+from bagel_model.model import BagelStage
+from bagel_model.mot import MoTDecoderLayer
+from bagel_model.quantize import MODES, quantize_module, quantize_weight, tensor_bytes, weight_bytes
+from bagel_model.stage import full_model
+from bagel_model.tokenizer import BagelTokenizer
+from bagel_model.vae import AutoEncoder
+from bagel_model.vit import VisionEncoder
+from bench.latency import Timed, _decode_rate, bench_edit, bench_t2i, edit_job, sync, t2i_job
+from bench.provenance import commit, write_report
+from pipelines.executor import LocalExecutor
+from pipelines.noise import NoiseSource
+from pipelines.params import TextParams
+from pipelines.tasks import generate_image, understand
+
+STAGE_SEED = 0  # the LLM's random weights (per decoder layer: STAGE_SEED + 1 + index)
+QUESTION = "Describe this picture in detail."
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: random full-size weights)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--formats", default="df11,int8,nf4,fp8", help="in priority order")
+    p.add_argument("--cap-gib", type=float, default=24.0, help="GPU memory of the card emulated")
+    p.add_argument("--nf4-cap-gib", type=float, default=12.0, help="nf4 again under this cap, last (0: skip)")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--answer-tokens", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--no-fp8-kernels", action="store_true", help="skip the FP8 kernel comparison")
+    p.add_argument("--no-compile", action="store_true", help="plain elementwise kernels (default: compiled on CUDA)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="start no run after this many seconds")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--name", default="quant")
+    args = p.parse_args(argv)
+    bench = QuantBench(args)
+    bench.run()
+    print(f"wrote {bench.path} in {time.perf_counter() - bench.start:.0f} s")
+    return 0
+
+
+class QuantBench:
+    def __init__(self, args: Namespace):
+        self.args, self.start = args, time.perf_counter()
+        self.device = torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.formats = [f for f in args.formats.split(",") if f]
+        unknown = set(self.formats) - set(MODES)
+        if unknown:
+            raise SystemExit(f"unknown formats {sorted(unknown)}; choose from {MODES}")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        if self.cuda and not args.no_compile:
+            compile_elementwise()
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.context_bytes = _cuda_context_bytes(self.device) if self.cuda else 0
+        if args.checkpoint:
+            self.config = BagelConfig.from_checkpoint_dir(args.checkpoint)
+            self.tokenizer = BagelTokenizer.from_dir(args.checkpoint)
+            self.vision = load_vision_encoder(args.checkpoint, self.config, device=self.device, dtype=self.dtype)
+            self.vae = load_vae(args.checkpoint, self.config, device=self.device)
+        else:
+            self.config, self.tokenizer = BagelConfig(), demo_tokenizer()
+            self.vision = random_module(lambda: VisionEncoder(self.config), self.device, self.dtype, 1)
+            self.vae = random_module(lambda: AutoEncoder(self.config.vae), self.device, torch.float32, 2)
+        # bench.latency's jobs and timers read these settings (one run each, no warm-up there)
+        self.job = Namespace(size=args.size, steps=args.steps, repeats=1, warmup=0, cfg_refresh_interval=1)
+        self.report = {
+            "benchmark": "quant", "device": torch.cuda.get_device_name(self.device) if self.cuda else
+            platform.processor() or "cpu", "torch": torch.__version__, "torchao": _version("torchao"),
+            "triton": _version("triton"), "python": platform.python_version(), "commit": commit(),
+            "weights": args.checkpoint or "random bf16 (full-size BAGEL-7B-MoT architecture)",
+            "settings": vars(args), "cuda_context_bytes": self.context_bytes,
+            "layouts": _layouts(self.config), "runs": {}, "layer_errors": {}, "skipped": []}
+        self.path = None
+        self.reference: dict = {}
+
+    # -- the run list ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.warm_up()
+        self.exact()
+        cap = self.args.cap_gib
+        for fmt in self.formats:
+            self.format_run(fmt, fmt, cap)
+        if not self.args.no_fp8_kernels and "fp8" in self.formats:
+            self.fp8_kernels()
+        for fmt in self.formats:
+            self.timed("layer_errors", lambda f=fmt: self.layer_errors(f))
+        if self.args.nf4_cap_gib and "nf4" in self.formats:
+            self.format_run(f"nf4 @ {self.args.nf4_cap_gib:g} GiB", "nf4", self.args.nf4_cap_gib)
+        self.write()
+
+    def over_budget(self, what: str) -> bool:
+        if time.perf_counter() - self.start > self.args.budget_s:
+            self.report["skipped"].append(what)
+            self.write()
+            return True
+        return False
+
+    def timed(self, what: str, fn) -> None:
+        if not self.over_budget(what):
+            fn()
+            self.write()
+
+    def write(self) -> None:
+        self.report["elapsed_s"] = time.perf_counter() - self.start
+        self.path = write_report(self.report, self.args.out, f"{self.args.name}.json")
+
+    # -- runs ---------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Compile the elementwise kernels and load the GEMM libraries once for all runs."""
+        stage = self.stage(None)
+        executor = self.executor(stage)
+        items, params = t2i_job(self.job)
+        t = time.perf_counter()
+        generate_image(executor, items, replace(params, num_timesteps=3), noise=NoiseSource(0))
+        self.report["warm_up_s"] = time.perf_counter() - t
+        self.release(executor, stage)
+
+    def exact(self) -> None:
+        """The exact bf16 model, uncapped: the reference outputs and the baseline numbers."""
+        run = self.report["runs"]["bf16"] = {"quantize": None, "cap_bytes": None}
+        stage, executor = self.build(run, None)
+        for task, job in (("t2i", t2i_job), ("edit", edit_job)):
+            items, params = job(self.job)
+            self.reference[task] = generate_image(executor, items, params, noise=NoiseSource(0))
+        self.reference["answer"] = self.answer(executor)
+        self.measure(run, executor)
+        self.release(executor, stage)
+
+    def format_run(self, name: str, fmt: str, cap_gib: float) -> None:
+        if self.over_budget(name):
+            return
+        cap = int(cap_gib * GiB) if self.cuda else None
+        run = self.report["runs"][name] = {"quantize": fmt, "cap_bytes": cap,
+                                           "planner": self.planner(fmt, cap_gib)}
+        self.cap(cap)
+        stage = executor = None
+        try:
+            stage, executor = self.build(run, fmt)
+            self.measure(run, executor)
+        except torch.OutOfMemoryError as e:
+            run["error"] = f"out of memory: {str(e).splitlines()[0]}"
+            run["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        finally:
+            self.release(executor, stage)
+            self.cap(None)
+        self.write()
+
+    def build(self, run: dict, fmt: str | None):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t = time.perf_counter()
+        stage = self.stage(fmt)
+        sync()
+        run["build_s"] = time.perf_counter() - t
+        run["llm_weight_bytes"] = weight_bytes(stage)
+        run["vit_vae_weight_bytes"] = weight_bytes(self.vision) + weight_bytes(self.vae)
+        if self.cuda:
+            run["build_peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        self.write()
+        return stage, self.executor(stage)
+
+    def measure(self, run: dict, executor) -> None:
+        """T2I and edit (timed, with their deviation from exact), the answer, decode rates."""
+        timed = Timed(executor)
+        for task, bench in (("t2i", bench_t2i), ("edit", bench_edit)):
+            if self.over_budget(f"{run.get('quantize')} {task}"):
+                return
+            exact = self.reference.get(task) if run["quantize"] else None
+            result = bench(timed, self.job, exact)
+            if exact is not None:
+                dev = result["deviation_from_exact"]
+                result["bit_identical"] = dev["latent_relative_l2"] == 0.0 and math.isinf(dev["image_psnr_db"])
+            run[task] = {k: v for k, v in result.items() if k not in ("runs", "settings")}
+            self.write()
+        if run["quantize"] and "answer" in self.reference:
+            ids, ref = self.answer(executor), self.reference["answer"]
+            n = min(len(ids), len(ref))
+            first = next((i for i in range(n) if ids[i] != ref[i]), n)
+            run["answer"] = {"tokens": len(ids), "exact_tokens": len(ref), "first_difference": first,
+                             "agreement": float(np.mean([a == b for a, b in zip(ids, ref)])) if n else 1.0}
+        if not self.over_budget(f"{run.get('quantize')} decode"):
+            run["decode_tokens_per_s"] = {str(b): _decode_rate(executor, b, self.args.decode_tokens)["tokens_per_s"]
+                                          for b in (1, 8)}
+        if self.cuda:
+            run["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+
+    def answer(self, executor) -> list[int]:
+        rng = np.random.default_rng(1)
+        image = Image.fromarray(rng.integers(0, 256, (self.args.size, self.args.size, 3), dtype=np.uint8))
+        return understand(executor, [image, QUESTION], TextParams(max_new_tokens=self.args.answer_tokens)).token_ids
+
+    def fp8_kernels(self) -> None:
+        """The generation expert's MLP in FP8 two ways, on the same bf16 weights, uncapped:
+        hand-written (`torch._scaled_mm`) and torchao's float8 rowwise."""
+        for name, convert in (("fp8 gen-MLP, hand-written", lambda s: quantize_gen_mlp(s, compiled=self.cuda)),
+                              ("fp8 gen-MLP, torchao", _torchao_gen_mlp)):
+            if self.over_budget(name):
+                return
+            run = self.report["runs"][name] = {"quantize": "fp8-gen-mlp", "cap_bytes": None}
+            stage = convert(self.stage(None))
+            executor = Timed(self.executor(stage))
+            result = bench_t2i(executor, self.job, self.reference.get("t2i"))
+            run["t2i"] = {k: v for k, v in result.items() if k not in ("runs", "settings")}
+            self.release(executor.inner, stage)
+            del stage, executor
+            self.write()
+
+    def layer_errors(self, fmt: str) -> None:
+        """Relative L2 error of each linear weight of the first and last decoder layers, as the
+        format stores it (df11: whether it decodes bit for bit, on the GPU and with torch ops)."""
+        out = self.report["layer_errors"][fmt] = {}
+        layers = self.config.llm.num_hidden_layers
+        for index in sorted({0, layers - 1}):
+            layer = _random_layer(self.config, index, self.device, self.dtype)
+            dense = [(name, m.weight) for name, m in _grouped_weights(layer)]
+            for name, w in dense:
+                stored = quantize_weight(w, fmt)
+                back = _dense(stored).to(w.dtype)
+                entry = {"relative_l2": float((back.float() - w.float()).norm() / w.float().norm()),
+                         "max_abs": float((back.float() - w.float()).abs().max()),
+                         "bits_per_weight": 8 * tensor_bytes(stored) / w.numel()}
+                if isinstance(stored, Df11Tensor):
+                    bits = w.to(torch.bfloat16).view(torch.int16)
+                    entry["bit_identical"] = torch.equal(stored.dense().to(torch.bfloat16).view(torch.int16), bits)
+                    entry["torch_decoder_bit_identical"] = torch.equal(decode(stored.packed).view(torch.int16), bits)
+                    entry["decoder"] = stored.decoder.__name__
+                out[f"layer {index} {name}"] = entry
+            del layer, dense
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def stage(self, fmt: str | None) -> BagelStage:
+        """The LLM with this run's weights: made one decoder layer at a time (the same seeds for
+        every format), or loaded from --checkpoint."""
+        if self.args.checkpoint:
+            from bagel_model.loader import load_stage
+
+            return load_stage(self.args.checkpoint, self.config, device=self.device, dtype=self.dtype, quantize=fmt)
+        return random_quantized(lambda: BagelStage(self.config, full_model(self.config.llm.num_hidden_layers)),
+                                self.device, self.dtype, STAGE_SEED, fmt)
+
+    def executor(self, stage: BagelStage) -> LocalExecutor:
+        return LocalExecutor(self.config, self.tokenizer, [stage], self.vision, self.vae)
+
+    def release(self, executor, stage) -> None:
+        if executor is not None:
+            executor.free(executor.live_contexts())
+        del executor, stage
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def cap(self, cap: int | None) -> None:
+        """Allow this process's allocator `cap` bytes of the GPU minus the CUDA context (None: all)."""
+        if self.cuda:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            fraction = 1.0 if cap is None else max(cap - self.context_bytes, 0) / total
+            torch.cuda.set_per_process_memory_fraction(fraction, self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def planner(self, fmt: str, cap_gib: float) -> dict:
+        """What the memory planner expects of this run (one process, one GPU of the cap)."""
+        try:
+            plan = plan_memory(self.config, 1, int(cap_gib * GiB), Workload(1, self.args.size), num_stages=1,
+                               quantize=fmt, processes="local", cuda=self.cuda)
+        except Exception as e:  # an estimate that does not fit is a result too
+            return {"fits": False, "error": str(e)}
+        (process,) = plan.gpus[0]
+        return {"fits": True, "kv_cache_bytes": plan.kv_cache_bytes,
+                "items": {label: b for label, b in process.items if not label.startswith("KV budget")}}
+
+
+def _torchao_gen_mlp(stage: BagelStage) -> BagelStage:
+    for layer in stage.language_model.model.layers.values():
+        quantize_module(layer.mlp_moe_gen, "fp8")
+    return stage
+
+
+def _random_layer(config: BagelConfig, index: int, device, dtype) -> MoTDecoderLayer:
+    """Decoder layer `index` with the weights `QuantBench.stage` gives it."""
+    with torch.device("meta"):
+        layer = MoTDecoderLayer(config.llm, index)
+    layer = init_random_weights(layer.to_empty(device=device).to(torch.bfloat16), STAGE_SEED + 1 + index)
+    return layer.to(dtype).requires_grad_(False)  # bf16 values (df11 stores those), in the run's dtype
+
+
+def _grouped_weights(layer: MoTDecoderLayer):
+    """(name, linear) of the weights as quantize_module stores them: q/k/v and gate/up fused."""
+    out = []
+    for expert, suffix in (("und", ""), ("gen", "_moe_gen")):
+        attn, mlp = layer.self_attn, getattr(layer, f"mlp{suffix}")
+        qkv = torch.cat([getattr(attn, f"{n}_proj{suffix}").weight for n in "qkv"])
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        out += [(f"{expert} qkv", Namespace(weight=qkv)), (f"{expert} o", getattr(attn, f"o_proj{suffix}")),
+                (f"{expert} gate_up", Namespace(weight=gate_up)), (f"{expert} down", mlp.down_proj)]
+    return out
+
+
+def _dense(stored: torch.Tensor) -> torch.Tensor:
+    """A stored weight back as the dense tensor its GEMM uses."""
+    if isinstance(stored, Df11Tensor):
+        return stored.dense()
+    if hasattr(stored, "get_original_weight"):  # NF4
+        return stored.get_original_weight()
+    return stored.dequantize()
+
+
+def _layouts(config: BagelConfig) -> dict:
+    """The planner's choice for one, two and three 24 GB cards (the service's processes)."""
+    out = {}
+    for gpus in (1, 2, 3):
+        try:
+            plan = plan_memory(config, gpus, 24 * GiB)
+            out[f"{gpus}x24GiB"] = {**plan.app_args(), "requests": plan.requests, "plan": plan.describe()}
+        except Exception as e:
+            out[f"{gpus}x24GiB"] = {"error": str(e)}
+    return out
+
+
+def _cuda_context_bytes(device: torch.device) -> int:
+    """GPU memory this process uses beyond PyTorch's allocator (the CUDA context, libraries)."""
+    torch.ones(1, device=device)  # initialise the context
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
