@@ -176,7 +176,7 @@ class QuantBench:
             items, params = job(self.job)
             self.reference[task] = generate_image(executor, items, params, noise=NoiseSource(0))
         self.reference["answer"] = self.answer(executor)
-        self.measure(run, executor)
+        self.measure("bf16", run, executor)
         self.release(executor, stage)
 
     def format_run(self, name: str, fmt: str, cap_gib: float) -> None:
@@ -189,7 +189,7 @@ class QuantBench:
         stage = executor = None
         try:
             stage, executor = self.build(run, fmt)
-            self.measure(run, executor)
+            self.measure(name, run, executor)
         except torch.OutOfMemoryError as e:
             run["error"] = f"out of memory: {str(e).splitlines()[0]}"
             run["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
@@ -212,11 +212,13 @@ class QuantBench:
         self.write()
         return stage, self.executor(stage)
 
-    def measure(self, run: dict, executor) -> None:
-        """T2I and edit (timed, with their deviation from exact), the answer, decode rates."""
+    def measure(self, name: str, run: dict, executor) -> None:
+        """T2I and edit (timed, with their deviation from exact), the answer, decode rates
+        (the exact run's always: it is the baseline)."""
         timed = Timed(executor)
+        skip = lambda what: run["quantize"] is not None and self.over_budget(f"{name} {what}")  # noqa: E731
         for task, bench in (("t2i", bench_t2i), ("edit", bench_edit)):
-            if self.over_budget(f"{run.get('quantize')} {task}"):
+            if skip(task):
                 return
             exact = self.reference.get(task) if run["quantize"] else None
             result = bench(timed, self.job, exact)
@@ -231,7 +233,7 @@ class QuantBench:
             first = next((i for i in range(n) if ids[i] != ref[i]), n)
             run["answer"] = {"tokens": len(ids), "exact_tokens": len(ref), "first_difference": first,
                              "agreement": float(np.mean([a == b for a, b in zip(ids, ref)])) if n else 1.0}
-        if not self.over_budget(f"{run.get('quantize')} decode"):
+        if not skip("decode"):
             run["decode_tokens_per_s"] = {str(b): _decode_rate(executor, b, self.args.decode_tokens)["tokens_per_s"]
                                           for b in (1, 8)}
         if self.cuda:

@@ -69,3 +69,39 @@ def test_kernels_benchmark_smoke(checkpoint_dir, tmp_path):
     assert {op["best"] for op in summary["ops"].values()} <= {None, "compiled_joint"}  # the one CPU candidate
     assert summary["t2i_saving_ms_per_two_branch_forward"] == sum(
         op["saving_ms_per_forward"] for name, op in summary["ops"].items() if not name.startswith("attention edit"))
+
+
+def test_quant_benchmark_runs_on_cpu(checkpoint_dir, tmp_path):
+    """bench/quant.py end to end on the fixture: df11 reproduces the exact run bit for bit,
+    int8 comes close without being equal, and every section of the report is filled."""
+    from bench import quant
+
+    code = quant.main(["--device", "cpu", "--checkpoint", str(checkpoint_dir), "--formats", "df11,int8", "--size", "64",
+                       "--steps", "3", "--answer-tokens", "4", "--decode-tokens", "2", "--nf4-cap-gib", "0",
+                       "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "quant.json").read_text())
+    runs = report["runs"]
+    assert set(runs) == {"bf16", "df11", "int8"} and report["skipped"] == []
+    for task in ("t2i", "edit"):
+        assert runs["df11"][task]["bit_identical"] is True
+        assert runs["int8"][task]["bit_identical"] is False
+        assert 0 < runs["int8"][task]["deviation_from_exact"]["latent_relative_l2"] < 0.05
+        assert runs["bf16"][task]["end_to_end_s"]["median"] > 0
+    assert runs["df11"]["answer"]["agreement"] == 1.0
+    assert runs["df11"]["llm_weight_bytes"] < runs["bf16"]["llm_weight_bytes"]
+    assert runs["int8"]["decode_tokens_per_s"]["8"] > 0
+    df11_layers, int8_layers = report["layer_errors"]["df11"], report["layer_errors"]["int8"]
+    assert all(e["bit_identical"] and e["relative_l2"] == 0 for e in df11_layers.values())
+    assert all(0 < e["relative_l2"] < 0.01 for e in int8_layers.values())
+    assert set(report["layouts"]) == {"1x24GiB", "2x24GiB", "3x24GiB"}
+
+
+def test_quant_benchmark_stops_at_its_time_budget(checkpoint_dir, tmp_path):
+    from bench import quant
+
+    assert quant.main(["--device", "cpu", "--checkpoint", str(checkpoint_dir), "--formats", "int8,fp8", "--size", "64",
+                       "--steps", "2", "--answer-tokens", "2", "--decode-tokens", "1", "--budget-s", "0",
+                       "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "quant.json").read_text())
+    assert set(report["runs"]) == {"bf16"} and report["skipped"][:2] == ["int8", "fp8"]

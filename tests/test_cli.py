@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from bagel_model.demo import DEMO_LABEL, demo_config
@@ -198,6 +199,33 @@ def test_fixture_checkpoint_float32(tmp_path, capsys, checkpoint_dir):
     with Image.open(out) as img:
         assert img.format == "PNG" and img.mode == "RGB" and img.size == (64, 64)
     assert DEMO_LABEL not in stderr and "float32" in stderr
+
+
+def test_quantized_weights_on_the_fixture(tmp_path, capsys, checkpoint_dir):
+    """--quantize df11 loads the fixture compressed and draws the same image as the exact run."""
+    images = []
+    for extra in ([], ["--quantize", "df11", "--quantize-vit"]):
+        out = tmp_path / f"q{len(extra)}.png"
+        code, _, stderr = run(capsys, "generate", "a blue square", "-o", str(out), "--checkpoint", str(checkpoint_dir),
+                              "--dtype", "float32", "--device", "cpu", "--height", "64", "--width", "64", *FAST, *extra)
+        assert code == 0, stderr
+        images.append(Image.open(out).tobytes())
+    assert "weights df11" in stderr and images[0] == images[1]
+    code, _, stderr = run(capsys, "generate", "x", "-o", str(tmp_path / "x.png"), "--quantize", "int4")
+    assert code == 2 and "invalid choice: 'int4'" in stderr
+
+
+def test_plan_prints_the_arithmetic_or_what_would_fit(capsys):
+    code, out, _ = run(capsys, "plan", "--gpus", "3", "--gpu-memory", "24")
+    assert code == 0 and "plan: 3 stages on 3 GPUs of 24.00 GiB, weights bf16 (exact)" in out
+    assert "KV budget per stage" in out
+    code, out, _ = run(capsys, "plan", "--gpus", "1", "--gpu-memory", "24", "--local", "--quantize", "int8")
+    assert code == 0 and "weights int8 (APPROXIMATE)" in out and "one process" in out
+    code, _, err = run(capsys, "plan", "--gpus", "1", "--gpu-memory", "24", "--concurrency", "64")
+    assert code == 2 and err.startswith("error: no layout fits 64 concurrent") and "holds" in err
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "plan", "--gpu-memory", "24")  # no GPU here and none given
+        assert code == 2 and "pass --gpus" in err
 
 
 def test_help_and_usage(capsys):
