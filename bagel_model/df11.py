@@ -18,8 +18,8 @@ bit pattern (zeros, subnormals, infinities, NaN payloads) round-trips exactly.
 
 `Df11Tensor` holds one compressed weight and looks like the dense tensor (shape, dtype, device);
 any operation on it (a linear layer's GEMM, `.t()`) first decompresses it into a temporary
-dense tensor with the decoder chosen when it was made: the Triton kernel of `df11_kernel.py`
-on CUDA, `decode` (vectorised torch ops, bit-identical) elsewhere.
+dense tensor with the decoder chosen when it was made (`quantize.py`): the Triton kernel of
+`df11_kernel.py` on CUDA, `decode` (vectorised torch ops, bit-identical) elsewhere.
 """
 from __future__ import annotations
 
@@ -150,18 +150,6 @@ def decode(packed: Packed) -> Tensor:
     return out.view(torch.bfloat16).view(packed.shape)
 
 
-def decoder_for(device: torch.device) -> Callable[[Packed], Tensor]:
-    """The fastest bit-exact decoder for tensors on `device`: the Triton kernel on CUDA when
-    Triton is importable, else `decode`."""
-    if device.type == "cuda":
-        try:
-            from .df11_kernel import decode_cuda
-        except ImportError:
-            return decode
-        return decode_cuda
-    return decode
-
-
 # -------------------------------------------------------------------------- the tensor
 
 
@@ -183,9 +171,9 @@ class Df11Tensor(Tensor):
         self.packed, self.decoder = packed, decoder
 
     @classmethod
-    def compress(cls, weight: Tensor, decoder: Callable[[Packed], Tensor] | None = None) -> Df11Tensor:
-        """`weight` compressed on its device; decompresses back to `weight.dtype`."""
-        return cls(encode(weight), weight.dtype, decoder or decoder_for(weight.device))
+    def compress(cls, weight: Tensor, decoder: Callable[[Packed], Tensor] = decode) -> Df11Tensor:
+        """`weight` compressed on its device; decompresses back to `weight.dtype` with `decoder`."""
+        return cls(encode(weight), weight.dtype, decoder)
 
     def dense(self) -> Tensor:
         return self.decoder(self.packed).to(self.dtype)

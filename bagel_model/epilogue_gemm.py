@@ -65,13 +65,15 @@ class EpilogueSwiGLU:
     """A `SwiGLU.fused` implementation: both MLP GEMMs through quack for bf16/fp16 CUDA inputs of
     at least `min_tokens` tokens, `SwiGLU.plain` for the rest. `tuned` runs quack's autotuner
     on the first call of each shape (tens of seconds; it happens in the eager step that precedes
-    any CUDA-graph capture of the same shapes)."""
+    any CUDA-graph capture of the same shapes). Quantized or compressed weights (a packed
+    gate/up, bagel_model/quantize.py) keep their own GEMMs."""
 
     def __init__(self, tuned: bool = True, min_tokens: int = MIN_TOKENS):
         self.tuned, self.min_tokens = tuned, min_tokens
 
     def __call__(self, mlp: SwiGLU, x: Tensor, residual: Tensor | None) -> Tensor:
-        if x.shape[0] < self.min_tokens or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        if x.shape[0] < self.min_tokens or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) \
+                or mlp.gate_up.packed:
             return mlp.plain(x, residual)
         h = swiglu_gate_up(x, mlp.gate_up.params()[0], self.tuned)
         if residual is None:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .df11 import Df11Tensor, decoder_for, packed_bytes
+from .df11 import Df11Tensor, Packed, decode, packed_bytes
 from .errors import InvalidRequest
 from .layers import FusedLinear
 
@@ -59,7 +59,7 @@ def is_approximate(mode: str | None) -> bool:
 def quantize_weight(weight: Tensor, mode: str) -> Tensor:
     """`weight` [out, in] (on its device, in the compute dtype) in format `mode`."""
     if mode == "df11":
-        return Df11Tensor.compress(weight, decoder_for(weight.device))
+        return Df11Tensor.compress(weight, df11_decoder(weight.device))
     ao = _torchao()
     if mode == "int8":
         return ao.Int8Tensor.from_hp(weight, granularity=ao.PerRow())
@@ -80,6 +80,18 @@ def quantize_weight(weight: Tensor, mode: str) -> Tensor:
             mm_config=ao.Float8MMConfig(use_fast_accum=True),
             act_quant_kwargs=QuantizeTensorToFloat8Kwargs(torch.float8_e4m3fn, ao.PerRow()))
     raise InvalidRequest(f"unknown quantize mode {mode!r}")
+
+
+def df11_decoder(device: torch.device) -> Callable[[Packed], Tensor]:
+    """The fastest bit-exact DF11 decoder for weights on `device`: the Triton kernel on CUDA
+    when Triton imports, else torch ops."""
+    if device.type == "cuda":
+        try:
+            from .df11_kernel import decode_cuda
+        except ImportError:
+            return decode
+        return decode_cuda
+    return decode
 
 
 def nf4_scaler_block(numel: int) -> int:

@@ -57,7 +57,7 @@ from bagel_model.vae import AutoEncoder
 from bagel_model.vit import VisionEncoder
 from bench.latency import Timed, _decode_rate, bench_edit, bench_t2i, edit_job, sync, t2i_job
 from bench.provenance import commit, write_report
-from pipelines.executor import LocalExecutor
+from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
 from pipelines.params import TextParams
 from pipelines.tasks import generate_image, understand

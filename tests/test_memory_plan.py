@@ -33,7 +33,7 @@ from bagel_model.stage import full_model, split_layers
 from bagel_model.vae import AutoEncoder
 from cluster.args import AppArgs, approximate_modes
 from cluster.plan import with_plan
-from pipelines.executor import LocalExecutor
+from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
 from pipelines.params import EDIT_DEFAULTS
 from pipelines.tasks import generate_image

@@ -32,7 +32,7 @@ from bagel_model.memory_plan import stage_weight_bytes
 from bagel_model.quantize import (MODES, check_mode, quantize_module, quantize_weight, stored_bytes, tensor_bytes,
                                   weight_bytes)
 from bagel_model.stage import StageSpec, full_model
-from pipelines.executor import LocalExecutor
+from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
 from pipelines.params import EDIT_DEFAULTS, ImageParams, TextParams
 from pipelines.tasks import generate_image, understand
