@@ -366,7 +366,8 @@ def _layouts(config: BagelConfig) -> dict:
     for gpus in (1, 2, 3):
         try:
             plan = plan_memory(config, gpus, 24 * GiB)
-            out[f"{gpus}x24GiB"] = {**plan.app_args(), "requests": plan.requests, "plan": plan.describe()}
+            out[f"{gpus}x24GiB"] = {**plan.app_args(), "requests": plan.requests, "image_size": plan.image_size,
+                                    "plan": plan.describe()}
         except Exception as e:
             out[f"{gpus}x24GiB"] = {"error": str(e)}
     return out

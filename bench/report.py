@@ -2,10 +2,13 @@
 Numbers come only from those JSON files.
 
     python -m bench.report            # writes bench/results/summary.md and summary.png
+    python -m bench.report --quant bench/results/quant_h200.json   # the weight-format tables (.md beside it)
 """
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,7 +91,96 @@ def h200_rows() -> list[tuple[str, str, str, str]]:
     return out
 
 
+GIB = 1 << 30
+
+
+def _gib(b: float | None) -> str:
+    return "" if b is None else f"{b / GIB:.1f}"
+
+
+def _pair(run: dict, key, fmt) -> str:
+    """`key(run[task])` for t2i and edit as "a / b" (blank where the run has no such result)."""
+    values = [key(run[t]) if t in run else None for t in ("t2i", "edit")]
+    return " / ".join("" if v is None else fmt(v) for v in values)
+
+
+def quant_tables(doc: dict) -> str:
+    """Markdown tables of a bench/quant.py report: formats on one capped GPU, per-layer weight
+    errors, the FP8 kernels, and the planner's layouts for 24 GB cards."""
+    s = doc["settings"]
+    exact = doc["runs"]["bf16"]
+    lines = [f"Weight formats on {doc['device']} (torch {doc['torch']}, torchao {doc['torchao']}), {doc['weights']}, "
+             f"{s['size']}x{s['size']}, {s['steps']} steps, one run each; cap = the card emulated (the allocator gets "
+             f"it minus this process's CUDA context, {_gib(doc['cuda_context_bytes'])} GiB):", "",
+             "| weights | cap GiB | LLM weights GiB | peak GiB (planned) | text-to-image / edit s | decode tok/s b1 / b8 "
+             "| latent rel. L2 t2i / edit | PSNR dB t2i / edit | answer tokens equal | bit-identical |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, run in doc["runs"].items():
+        if run["quantize"] == "fp8-gen-mlp":
+            continue
+        label = name if run["quantize"] else "bf16 (exact)"
+        planned = run.get("planner", {})
+        plan = "" if not planned else (f" ({_gib(sum(planned['items'].values()))})" if planned.get("fits")
+                                       else " (planner: does not fit)")
+        if "error" in run:
+            lines.append(f"| {label} | {_gib(run['cap_bytes'])} | {_gib(run.get('llm_weight_bytes'))} | "
+                         f"{run['error'].split(':')[0]}{plan} | | | | | | |")
+            continue
+        decode = run.get("decode_tokens_per_s", {})
+        dev = lambda k: (lambda r: r.get("deviation_from_exact", {}).get(k))  # noqa: E731
+        answer = run.get("answer")
+        lines.append(" | ".join([
+            f"| {label}", _gib(run["cap_bytes"]) or "none", _gib(run["llm_weight_bytes"]),
+            _gib(run.get("peak_memory_bytes")) + plan,
+            _pair(run, lambda r: r["end_to_end_s"]["median"], "{:.2f}".format),
+            f"{decode['1']:.0f} / {decode['8']:.0f}" if decode else "",
+            _pair(run, dev("latent_relative_l2"), "{:.4f}".format),
+            _pair(run, dev("image_psnr_db"), lambda v: "inf" if math.isinf(v) else f"{v:.1f}"),
+            f"{100 * answer['agreement']:.0f}% (first difference at {answer['first_difference']})" if answer else "",
+            _pair(run, lambda r: r.get("bit_identical"), lambda v: "yes" if v else "no") + " |"]))
+    lines += ["", "Per-layer weight reconstruction error (first and last decoder layer, every linear weight as "
+              "stored; independent of what the weights are):", "",
+              "| weights | bits per weight | relative L2 mean (max) | bit-identical decode (GPU kernel, torch ops) |",
+              "|---|---|---|---|"]
+    for fmt, entries in doc["layer_errors"].items():
+        e = list(entries.values())
+        rel = [x["relative_l2"] for x in e]
+        bits = sum(x["bits_per_weight"] for x in e) / len(e)
+        identical = ("" if "bit_identical" not in e[0] else
+                     f"{'yes' if all(x['bit_identical'] for x in e) else 'NO'} ({e[0]['decoder']}), "
+                     f"{'yes' if all(x['torch_decoder_bit_identical'] for x in e) else 'NO'}")
+        lines.append(f"| {fmt} | {bits:.2f} | {sum(rel) / len(rel):.4f} ({max(rel):.4f}) | {identical} |")
+    kernels = {n: r for n, r in doc["runs"].items() if r["quantize"] == "fp8-gen-mlp" and "t2i" in r}
+    if kernels:
+        lines += ["", "FP8 GEMMs for the generation expert's MLP only (same weights, uncapped):", "",
+                  "| kernels | text-to-image s | latent rel. L2 vs exact | PSNR dB |", "|---|---|---|---|"]
+        lines += [f"| {n} | {r['t2i']['end_to_end_s']['median']:.2f} | "
+                  f"{r['t2i']['deviation_from_exact']['latent_relative_l2']:.4f} | "
+                  f"{r['t2i']['deviation_from_exact']['image_psnr_db']:.1f} |" for n, r in kernels.items()]
+        lines.append(f"| exact bf16 | {exact['t2i']['end_to_end_s']['median']:.2f} | 0 | inf |")
+    lines += ["", "The memory planner's layouts for 24 GB cards (the service: stage, encoder and decoder processes; "
+              "one edit at the model's largest size must fit, the rest of the memory is KV budget):", "",
+              "| GPUs | stages | layers per stage | weights | KV budget per stage GiB | such edits at once |",
+              "|---|---|---|---|---|---|"]
+    for gpus, layout in doc["layouts"].items():
+        if "error" in layout:
+            lines.append(f"| {gpus} | does not fit: {layout['error'].split(':')[0]} | | | | |")
+        else:
+            lines.append(f"| {gpus} | {layout['num_stages']} | {layout['layer_sizes']} | "
+                         f"{layout['quantize'] or 'bf16 (exact)'} | {_gib(layout['kv_cache_bytes'])} | "
+                         f"{layout['requests']} at {layout['image_size']}x{layout['image_size']} |")
+    if doc.get("skipped"):
+        lines += ["", f"Not measured (time budget): {', '.join(doc['skipped'])}."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--quant"]:
+        path = Path(sys.argv[2])
+        text = quant_tables(json.loads(path.read_text()))
+        path.with_suffix(".md").write_text(text)
+        print(text)
+        return
     table = ["| measurement (H100, random bf16 weights) | ours | achieved | official | target |",
              "|---|---|---|---|---|"]
     table += [f"| {' | '.join(r)} |" for r in rows()]

@@ -5,6 +5,7 @@ import json
 
 from bagel_model.config import BagelConfig
 from bench import kernels, latency
+from bench.report import quant_tables as report_tables
 
 
 def test_latency_benchmark_reports(checkpoint_dir, tmp_path):
@@ -95,6 +96,8 @@ def test_quant_benchmark_runs_on_cpu(checkpoint_dir, tmp_path):
     assert all(e["bit_identical"] and e["relative_l2"] == 0 for e in df11_layers.values())
     assert all(0 < e["relative_l2"] < 0.01 for e in int8_layers.values())
     assert set(report["layouts"]) == {"1x24GiB", "2x24GiB", "3x24GiB"}
+    tables = report_tables(report)  # the README's tables are rendered from this JSON
+    assert "| df11 | none |" in tables and "| yes / yes |" in tables and "| int8 | 8.55 |" in tables
 
 
 def test_quant_benchmark_stops_at_its_time_budget(checkpoint_dir, tmp_path):
