@@ -10,8 +10,8 @@ loader's, only the source of the numbers differs; tests/test_quantize.py covers 
 file). Every format gets the same bf16 weights (same seeds), so quality is measured against the
 exact model on the same noise:
 
-- peak allocated memory, text-to-image and edit seconds at `--size` (one run each, after one
-  short warm-up of the whole process), decode tokens/s at batch 1 and 8;
+- peak allocated memory, text-to-image and edit seconds at `--size` (one run each, after a
+  3-step warm-up of the same model), decode tokens/s at batch 1 and 8;
 - latent relative L2 distance and decoded-image PSNR against the exact run, greedy-token
   agreement of a `--answer-tokens` answer about an image; df11: bit-identical or not;
 - per-layer weight reconstruction error of the first and last layers' linear weights (does not
@@ -44,6 +44,7 @@ from PIL import Image
 from bagel_model.config import BagelConfig
 from bagel_model.demo import demo_tokenizer, init_random_weights, random_module, random_quantized
 from bagel_model.df11 import Df11Tensor, decode
+from bagel_model.errors import InvalidRequest
 from bagel_model.fp8 import quantize_gen_mlp
 from bagel_model.layers import compile_elementwise
 from bagel_model.loader import load_vae, load_vision_encoder
@@ -133,11 +134,13 @@ class QuantBench:
         for fmt in self.formats:
             self.format_run(fmt, fmt, cap)
         if not self.args.no_fp8_kernels and "fp8" in self.formats:
-            self.fp8_kernels()
+            self.timed("fp8 kernels", self.fp8_kernels)
         for fmt in self.formats:
-            self.timed("layer_errors", lambda f=fmt: self.layer_errors(f))
+            self.timed(f"{fmt} layer errors", lambda f=fmt: self.layer_errors(f))
         if self.args.nf4_cap_gib and "nf4" in self.formats:
             self.format_run(f"nf4 @ {self.args.nf4_cap_gib:g} GiB", "nf4", self.args.nf4_cap_gib)
+        if self.cuda:  # libraries loaded since the start (cuDNN, cuBLASLt kernels) are outside the allocator too
+            self.report["cuda_context_bytes_at_end"] = _cuda_context_bytes(self.device)
         self.write()
 
     def over_budget(self, what: str) -> bool:
@@ -148,8 +151,12 @@ class QuantBench:
         return False
 
     def timed(self, what: str, fn) -> None:
+        """Run `fn` unless over budget; a failure is recorded, not raised."""
         if not self.over_budget(what):
-            fn()
+            try:
+                fn()
+            except Exception as e:
+                self.report.setdefault("errors", {})[what] = f"{type(e).__name__}: {e}"
             self.write()
 
     def write(self) -> None:
@@ -162,11 +169,17 @@ class QuantBench:
         """Compile the elementwise kernels and load the GEMM libraries once for all runs."""
         stage = self.stage(None)
         executor = self.executor(stage)
+        self.report["warm_up_s"] = self.short_run(executor)
+        self.release(executor, stage)
+
+    def short_run(self, executor) -> float:
+        """A 3-step text-to-image: each format's first-call costs (kernel compilation, library
+        initialisation) out of the timed runs. Returns its seconds."""
         items, params = t2i_job(self.job)
         t = time.perf_counter()
         generate_image(executor, items, replace(params, num_timesteps=3), noise=NoiseSource(0))
-        self.report["warm_up_s"] = time.perf_counter() - t
-        self.release(executor, stage)
+        sync()
+        return time.perf_counter() - t
 
     def exact(self) -> None:
         """The exact bf16 model, uncapped: the reference outputs and the baseline numbers."""
@@ -189,10 +202,13 @@ class QuantBench:
         stage = executor = None
         try:
             stage, executor = self.build(run, fmt)
+            run["warm_up_s"] = self.short_run(executor)
             self.measure(name, run, executor)
         except torch.OutOfMemoryError as e:
             run["error"] = f"out of memory: {str(e).splitlines()[0]}"
             run["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        except Exception as e:  # a format that fails here is a result; the other runs go on
+            run["error"] = f"{type(e).__name__}: {e}"
         finally:
             self.release(executor, stage)
             self.cap(None)
@@ -236,8 +252,9 @@ class QuantBench:
         if not skip("decode"):
             run["decode_tokens_per_s"] = {str(b): _decode_rate(executor, b, self.args.decode_tokens)["tokens_per_s"]
                                           for b in (1, 8)}
-        if self.cuda:
-            run["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        if self.cuda:  # the tasks' own peaks (each reset the counter) and what came after
+            run["peak_memory_bytes"] = max([torch.cuda.max_memory_allocated(self.device)] +
+                                           [run[t]["peak_memory_bytes"] for t in ("t2i", "edit") if t in run])
 
     def answer(self, executor) -> list[int]:
         rng = np.random.default_rng(1)
@@ -254,6 +271,7 @@ class QuantBench:
             run = self.report["runs"][name] = {"quantize": "fp8-gen-mlp", "cap_bytes": None}
             stage = convert(self.stage(None))
             executor = Timed(self.executor(stage))
+            run["warm_up_s"] = self.short_run(executor.inner)
             result = bench_t2i(executor, self.job, self.reference.get("t2i"))
             run["t2i"] = {k: v for k, v in result.items() if k not in ("runs", "settings")}
             self.release(executor.inner, stage)
@@ -314,15 +332,22 @@ class QuantBench:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def planner(self, fmt: str, cap_gib: float) -> dict:
-        """What the memory planner expects of this run (one process, one GPU of the cap)."""
+        """What the memory planner expects of this run (one process on one GPU): its terms, the
+        peak `max_memory_allocated` should show (all but the CUDA context, plus one request's
+        KV), and whether it thinks the run fits the cap."""
+        def plan(gpu_bytes: int):
+            return plan_memory(self.config, 1, gpu_bytes, Workload(1, self.args.size), num_stages=1, quantize=fmt,
+                               processes="local", cuda=self.cuda)
+
+        unbounded = plan(1 << 50)  # the terms do not depend on the GPU's size; only the KV budget does
+        items = {label: b for label, b in unbounded.gpus[0][0].items if not label.startswith("KV budget")}
         try:
-            plan = plan_memory(self.config, 1, int(cap_gib * GiB), Workload(1, self.args.size), num_stages=1,
-                               quantize=fmt, processes="local", cuda=self.cuda)
-        except Exception as e:  # an estimate that does not fit is a result too
-            return {"fits": False, "error": str(e)}
-        (process,) = plan.gpus[0]
-        return {"fits": True, "kv_cache_bytes": plan.kv_cache_bytes,
-                "items": {label: b for label, b in process.items if not label.startswith("KV budget")}}
+            fits = plan(int(cap_gib * GiB)) is not None
+        except InvalidRequest:
+            fits = False
+        return {"fits": fits, "items": items, "request_kv_bytes": unbounded.request_kv_bytes,
+                "allocated_peak_bytes": sum(b for k, b in items.items() if k != "CUDA context")
+                + unbounded.request_kv_bytes}
 
 
 def _torchao_gen_mlp(stage: BagelStage) -> BagelStage:
@@ -377,7 +402,7 @@ def _cuda_context_bytes(device: torch.device) -> int:
     """GPU memory this process uses beyond PyTorch's allocator (the CUDA context, libraries)."""
     torch.ones(1, device=device)  # initialise the context
     torch.cuda.synchronize(device)
-    free, total = torch.cuda.mem_get_info(device)
+    free, total = torch.cuda.mem_get_info(device)  # the whole GPU: other processes would count too
     return total - free - torch.cuda.memory_reserved(device)
 
 

@@ -120,8 +120,8 @@ def quant_tables(doc: dict) -> str:
             continue
         label = name if run["quantize"] else "bf16 (exact)"
         planned = run.get("planner", {})
-        plan = "" if not planned else (f" ({_gib(sum(planned['items'].values()))})" if planned.get("fits")
-                                       else " (planner: does not fit)")
+        plan = "" if not planned else (f" ({_gib(planned['allocated_peak_bytes'])}"
+                                       f"{'' if planned['fits'] else ', does not fit'})")
         if "error" in run:
             lines.append(f"| {label} | {_gib(run['cap_bytes'])} | {_gib(run.get('llm_weight_bytes'))} | "
                          f"{run['error'].split(':')[0]}{plan} | | | | | | |")
