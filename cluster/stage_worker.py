@@ -48,7 +48,8 @@ class StageWorker:
         self.device = resolve_device(device)
         if self.device.type == "cuda" and memory_fraction:
             torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
-        if compile or (compile is None and self.device.type == "cuda"):
+        compiled = bool(compile or (compile is None and self.device.type == "cuda"))
+        if compiled:
             layers.compile_elementwise()
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         tokenizer = BagelTokenizer.from_dir(checkpoint_dir)
@@ -57,7 +58,7 @@ class StageWorker:
         else:
             model = load_stage(checkpoint_dir, config, spec, device=self.device, dtype=dtype, quantize=quantize)
         if fp8:
-            quantize_gen_mlp(model)
+            quantize_gen_mlp(model, compiled)
         self.runner = StageRunner(model, (tokenizer.vision_start_id, tokenizer.vision_end_id))
         self.transport: Transport | None = None
         self.samplers = SamplerStates(self.device)  # last stage: the images being denoised

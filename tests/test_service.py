@@ -49,10 +49,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 
 # stages: (checkpoint, expected [start, stop) layers per stage, model id). A checkpoint written by
 # `write_checkpoint` has random weights and is served as the demo model.
-APPS = {
-    1: ("fixture", [[0, 2]], "checkpoint"),
-    2: ("fixture", [[0, 1], [1, 2]], "checkpoint"),
-    3: ("demo4", [[0, 2], [2, 3], [3, 4]], "bagel-demo"),
+APPS = {  # checkpoint, layers per stage, model name, weight format (df11 is exact: same references)
+    1: ("fixture", [[0, 2]], "checkpoint", None),
+    2: ("fixture", [[0, 1], [1, 2]], "checkpoint", "df11"),
+    3: ("demo4", [[0, 2], [2, 3], [3, 4]], "bagel-demo", None),
 }
 
 
@@ -101,6 +101,7 @@ class App:
     client: httpx.Client
     ref: Reference
     input_png: bytes
+    quantize: str | None
 
 
 @pytest.fixture(scope="session")
@@ -134,11 +135,11 @@ def references(checkpoint_dir: Path, demo4_dir: Path, input_png: bytes) -> Refer
 @pytest.fixture(scope="module", params=sorted(APPS), ids=lambda n: f"{n}stage")
 def app(request, ray_url, checkpoint_dir, demo4_dir, references, input_png) -> App:
     n = request.param
-    which, layers, model = APPS[n]
+    which, layers, model, quantize = APPS[n]
     folder = {"fixture": checkpoint_dir, "demo4": demo4_dir}[which]
-    args = {"checkpoint_dir": str(folder), "num_stages": n, "device": "cpu", "dtype": "float32"}
+    args = {"checkpoint_dir": str(folder), "num_stages": n, "device": "cpu", "dtype": "float32", "quantize": quantize}
     with running_app(ray_url, args) as handle, httpx.Client(base_url=ray_url, timeout=120) as client:
-        yield App(n, folder, layers, model, ray_url, handle, client, references[which], input_png)
+        yield App(n, folder, layers, model, ray_url, handle, client, references[which], input_png, quantize)
 
 
 def stage_stats(app: App) -> tuple[dict, dict]:
@@ -218,6 +219,7 @@ def test_health_shows_the_stages(app):
     assert health["status"] == "ok"
     assert health["model"] == app.model
     assert health["demo"] is (app.model == "bagel-demo")
+    assert (health["quantize"], health["approximate"]) == (app.quantize, [])  # df11 is not approximate
     assert [s["layers"] for s in health["stages"]] == app.layers
     assert [s["layers"] for s in stats["stages"]] == app.layers
     assert len({s["pid"] for s in health["stages"]}) == app.stages  # one process per stage
