@@ -131,14 +131,12 @@ def decode(packed: Packed) -> Tensor:
     out = torch.empty(n, dtype=torch.int16, device=device)
     escape = 2 ** packed.bits - 1
     shifts = torch.arange(8, dtype=torch.uint8, device=device)
+    place = (1 << torch.arange(packed.bits, dtype=torch.uint8, device=device))[:, None, None]
     for start in range(0, n, CHUNK):
         stop = min(start + CHUNK, n)
         width = -(-(stop - start) // BLOCK) * BLOCK
-        code = torch.zeros(width, dtype=torch.uint8, device=device)
-        for p in range(packed.bits):
-            plane = packed.planes[p, start // 8:(start + width) // 8]
-            code |= (((plane[:, None] >> shifts) & 1) << p).view(-1)
-        code = code[:stop - start]
+        planes = packed.planes[:, start // 8:(start + width) // 8]  # [bits, bytes]
+        code = (((planes[:, :, None] >> shifts) & 1) * place).sum(0, dtype=torch.uint8).view(-1)[:stop - start]
         escaped = code == escape
         exponent = packed.table[code.long()].to(torch.int32)
         first = packed.block_escapes[start // BLOCK].long()
@@ -146,7 +144,7 @@ def decode(packed: Packed) -> Tensor:
         exponent[escaped] = packed.escapes[rank[escaped]].to(torch.int32)
         sm = packed.sign_mantissa[start:stop].to(torch.int32)
         value = ((sm & 0x80) << 8) | (exponent << 7) | (sm & 0x7F)
-        out[start:stop] = torch.where(value >= 1 << 15, value - (1 << 16), value).to(torch.int16)
+        out[start:stop] = value.to(torch.int16)  # keeps the low 16 bits
     return out.view(torch.bfloat16).view(packed.shape)
 
 
@@ -177,10 +175,6 @@ class Df11Tensor(Tensor):
 
     def dense(self) -> Tensor:
         return self.decoder(self.packed).to(self.dtype)
-
-    @property
-    def nbytes_stored(self) -> int:
-        return self.packed.nbytes
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
