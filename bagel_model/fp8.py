@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import layers
+from .errors import InvalidRequest
 from .model import BagelStage
 
 FP8 = torch.float8_e4m3fn
@@ -83,6 +84,9 @@ def quantize_gen_mlp(stage: BagelStage, compiled: bool | None = None) -> BagelSt
     """Replace every layer's `mlp_moe_gen` by its FP8 version (in place; frees the bf16 weights).
     `compiled` (default: on CUDA) picks the activation kernels."""
     compiled = stage.device.type == "cuda" if compiled is None else compiled
+    if any(getattr(layer.mlp_moe_gen.gate_up, "packed", False) for layer in stage.language_model.model.layers.values()):
+        raise InvalidRequest("the hand-written FP8 path needs the dense bf16 weights; these are already in another "
+                             "format (quantize): use one or the other")
     for layer in stage.language_model.model.layers.values():
         layer.mlp_moe_gen = Fp8SwiGLU(layer.mlp_moe_gen, compiled)
     return stage

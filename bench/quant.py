@@ -170,7 +170,9 @@ class QuantBench:
         stage = self.stage(None)
         executor = self.executor(stage)
         self.report["warm_up_s"] = self.short_run(executor)
-        self.release(executor, stage)
+        executor.free(executor.live_contexts())
+        del stage, executor
+        self.collect()
 
     def short_run(self, executor) -> float:
         """A 3-step text-to-image: each format's first-call costs (kernel compilation, library
@@ -190,7 +192,8 @@ class QuantBench:
             self.reference[task] = generate_image(executor, items, params, noise=NoiseSource(0))
         self.reference["answer"] = self.answer(executor)
         self.measure("bf16", run, executor)
-        self.release(executor, stage)
+        del stage, executor
+        self.collect()
 
     def format_run(self, name: str, fmt: str, cap_gib: float) -> None:
         if self.over_budget(name):
@@ -210,7 +213,10 @@ class QuantBench:
         except Exception as e:  # a format that fails here is a result; the other runs go on
             run["error"] = f"{type(e).__name__}: {e}"
         finally:
-            self.release(executor, stage)
+            if executor is not None:
+                executor.free(executor.live_contexts())  # what an out-of-memory error left behind
+            del stage, executor
+            self.collect()
             self.cap(None)
         self.write()
 
@@ -274,8 +280,8 @@ class QuantBench:
             run["warm_up_s"] = self.short_run(executor.inner)
             result = bench_t2i(executor, self.job, self.reference.get("t2i"))
             run["t2i"] = {k: v for k, v in result.items() if k not in ("runs", "settings")}
-            self.release(executor.inner, stage)
             del stage, executor
+            self.collect()
             self.write()
 
     def layer_errors(self, fmt: str) -> None:
@@ -315,10 +321,8 @@ class QuantBench:
     def executor(self, stage: BagelStage) -> LocalExecutor:
         return LocalExecutor(self.config, self.tokenizer, [stage], self.vision, self.vae)
 
-    def release(self, executor, stage) -> None:
-        if executor is not None:
-            executor.free(executor.live_contexts())
-        del executor, stage
+    def collect(self) -> None:
+        """Hand the memory of the models just dropped back to the GPU."""
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()

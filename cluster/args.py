@@ -81,13 +81,19 @@ class AppArgs(BaseModel):
                 values[key] = os.environ[var]
         return values
 
+    @model_validator(mode="after")
+    def _one_weight_format(self) -> AppArgs:
+        if self.fp8 and self.quantize is not None:
+            raise ValueError("fp8: true (hand-written FP8 for the generation MLP) and quantize both set the weights' "
+                             "format; choose one (quantize: fp8 is torchao's FP8 for every linear layer)")
+        return self
+
 
 def approximate_modes(args: AppArgs) -> list[str]:
     """The APPROXIMATE modes these args turn on (/health lists them); df11 is exact."""
-    modes = ["fp8"] if args.fp8 else []
-    if is_approximate(args.quantize) and args.quantize not in modes:
-        modes.append(args.quantize)
-    return modes
+    if args.fp8:
+        return ["fp8"]
+    return [args.quantize] if is_approximate(args.quantize) else []
 
 
 def gpu_shares(num_stages: int, gpus: float) -> tuple[float, float, float]:

@@ -202,4 +202,6 @@ def test_auto_config_takes_the_plan(tmp_path):
 def test_health_lists_approximate_modes_only():
     assert approximate_modes(AppArgs(quantize="df11")) == []
     assert approximate_modes(AppArgs(quantize="int8")) == ["int8"]
-    assert approximate_modes(AppArgs(quantize="fp8", fp8=True)) == ["fp8"]
+    assert approximate_modes(AppArgs(fp8=True)) == ["fp8"]
+    with pytest.raises(ValueError, match="choose one"):
+        AppArgs(quantize="int8", fp8=True)

@@ -143,7 +143,9 @@ def test_quantized_loading_holds_one_layer_at_a_time(tmp_path, monkeypatch):
     assert peak + layer < 0.6 * dense, (peak, layer, dense)
 
 
-def test_bad_combinations_are_clear_errors(monkeypatch):
+def test_bad_combinations_are_clear_errors(monkeypatch, checkpoint_dir):
+    with pytest.raises(InvalidRequest, match="hand-written FP8 path needs the dense bf16 weights"):
+        LocalExecutor.from_checkpoint(checkpoint_dir, dtype=torch.float32, quantize="int8", fp8=True)
     with pytest.raises(InvalidRequest, match="quantize must be one of"):
         check_mode("int3", "cpu")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
