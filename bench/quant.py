@@ -21,9 +21,10 @@ exact model on the same noise:
 - the memory planner's estimate (`processes="local"`) next to each measured peak, and its
   layouts for one, two and three 24 GB cards.
 
-Runs are ordered by priority (1x24 GB df11 / int8 / nf4, then fp8, then the FP8 kernel
-comparison, then nf4 under `--nf4-cap-gib`); the JSON is rewritten after every measurement and
-runs that would start after `--budget-s` are skipped, so a timeout loses little. On the CPU with
+Runs are ordered by priority (the per-layer errors, which take seconds; 1x24 GB df11 / int8 /
+nf4, then fp8; nf4 under `--nf4-cap-gib` at the largest size the planner fits there; the FP8
+kernel comparison); the JSON is rewritten after every measurement and runs that would start
+after `--budget-s` are skipped, so a timeout loses little. On the CPU with
 `--checkpoint` (the tests) everything runs on the fixture model, uncapped.
 """
 from __future__ import annotations
@@ -130,15 +131,15 @@ class QuantBench:
     def run(self) -> None:
         self.warm_up()
         self.exact()
-        cap = self.args.cap_gib
+        for fmt in self.formats:  # cheap, and independent of what the weights are
+            self.timed(f"{fmt} layer errors", lambda f=fmt: self.layer_errors(f))
         for fmt in self.formats:
-            self.format_run(fmt, fmt, cap)
+            self.format_run(fmt, fmt, self.args.cap_gib, self.args.size)
+        if self.args.nf4_cap_gib and "nf4" in self.formats:
+            size = self.largest_fitting_size("nf4", self.args.nf4_cap_gib)
+            self.format_run(f"nf4 @ {self.args.nf4_cap_gib:g} GiB", "nf4", self.args.nf4_cap_gib, size)
         if not self.args.no_fp8_kernels and "fp8" in self.formats:
             self.timed("fp8 kernels", self.fp8_kernels)
-        for fmt in self.formats:
-            self.timed(f"{fmt} layer errors", lambda f=fmt: self.layer_errors(f))
-        if self.args.nf4_cap_gib and "nf4" in self.formats:
-            self.format_run(f"nf4 @ {self.args.nf4_cap_gib:g} GiB", "nf4", self.args.nf4_cap_gib)
         if self.cuda:  # libraries loaded since the start (cuDNN, cuBLASLt kernels) are outside the allocator too
             self.report["cuda_context_bytes_at_end"] = _cuda_context_bytes(self.device)
         self.write()
@@ -174,10 +175,10 @@ class QuantBench:
         del stage, executor
         self.collect()
 
-    def short_run(self, executor) -> float:
+    def short_run(self, executor, job: Namespace | None = None) -> float:
         """A 3-step text-to-image: each format's first-call costs (kernel compilation, library
         initialisation) out of the timed runs. Returns its seconds."""
-        items, params = t2i_job(self.job)
+        items, params = t2i_job(job or self.job)
         t = time.perf_counter()
         generate_image(executor, items, replace(params, num_timesteps=3), noise=NoiseSource(0))
         sync()
@@ -190,23 +191,25 @@ class QuantBench:
         for task, job in (("t2i", t2i_job), ("edit", edit_job)):
             items, params = job(self.job)
             self.reference[task] = generate_image(executor, items, params, noise=NoiseSource(0))
-        self.reference["answer"] = self.answer(executor)
-        self.measure("bf16", run, executor)
+        self.reference["answer"] = self.answer(executor, self.args.size)
+        self.measure("bf16", run, executor, self.job, {})
         del stage, executor
         self.collect()
 
-    def format_run(self, name: str, fmt: str, cap_gib: float) -> None:
+    def format_run(self, name: str, fmt: str, cap_gib: float, size: int) -> None:
+        """One format under a cap, at `size` (compared with the exact run when that is its size)."""
         if self.over_budget(name):
             return
         cap = int(cap_gib * GiB) if self.cuda else None
-        run = self.report["runs"][name] = {"quantize": fmt, "cap_bytes": cap,
-                                           "planner": self.planner(fmt, cap_gib)}
+        job = Namespace(**{**vars(self.job), "size": size})
+        run = self.report["runs"][name] = {"quantize": fmt, "cap_bytes": cap, "size": size,
+                                           "planner": self.planner(fmt, cap_gib, size)}
         self.cap(cap)
         stage = executor = None
         try:
             stage, executor = self.build(run, fmt)
-            run["warm_up_s"] = self.short_run(executor)
-            self.measure(name, run, executor)
+            run["warm_up_s"] = self.short_run(executor, job)
+            self.measure(name, run, executor, job, self.reference if size == self.args.size else {})
         except torch.OutOfMemoryError as e:
             run["error"] = f"out of memory: {str(e).splitlines()[0]}"
             run["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
@@ -234,23 +237,24 @@ class QuantBench:
         self.write()
         return stage, self.executor(stage)
 
-    def measure(self, name: str, run: dict, executor) -> None:
-        """T2I and edit (timed, with their deviation from exact), the answer, decode rates
-        (the exact run's always: it is the baseline)."""
+    def measure(self, name: str, run: dict, executor, job: Namespace, reference: dict) -> None:
+        """T2I and edit (timed; with their deviation from `reference`, the exact run's results
+        at this size, if any), the answer, decode rates (the exact run's always: it is the
+        baseline)."""
         timed = Timed(executor)
         skip = lambda what: run["quantize"] is not None and self.over_budget(f"{name} {what}")  # noqa: E731
         for task, bench in (("t2i", bench_t2i), ("edit", bench_edit)):
             if skip(task):
                 return
-            exact = self.reference.get(task) if run["quantize"] else None
-            result = bench(timed, self.job, exact)
+            exact = reference.get(task)
+            result = bench(timed, job, exact)
             if exact is not None:
                 dev = result["deviation_from_exact"]
                 result["bit_identical"] = dev["latent_relative_l2"] == 0.0 and math.isinf(dev["image_psnr_db"])
             run[task] = {k: v for k, v in result.items() if k not in ("runs", "settings")}
             self.write()
-        if run["quantize"] and "answer" in self.reference:
-            ids, ref = self.answer(executor), self.reference["answer"]
+        if "answer" in reference:
+            ids, ref = self.answer(executor, job.size), reference["answer"]
             n = min(len(ids), len(ref))
             first = next((i for i in range(n) if ids[i] != ref[i]), n)
             run["answer"] = {"tokens": len(ids), "exact_tokens": len(ref), "first_difference": first,
@@ -262,9 +266,9 @@ class QuantBench:
             run["peak_memory_bytes"] = max([torch.cuda.max_memory_allocated(self.device)] +
                                            [run[t]["peak_memory_bytes"] for t in ("t2i", "edit") if t in run])
 
-    def answer(self, executor) -> list[int]:
+    def answer(self, executor, size: int) -> list[int]:
         rng = np.random.default_rng(1)
-        image = Image.fromarray(rng.integers(0, 256, (self.args.size, self.args.size, 3), dtype=np.uint8))
+        image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
         return understand(executor, [image, QUESTION], TextParams(max_new_tokens=self.args.answer_tokens)).token_ids
 
     def fp8_kernels(self) -> None:
@@ -335,12 +339,17 @@ class QuantBench:
             torch.cuda.set_per_process_memory_fraction(fraction, self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def planner(self, fmt: str, cap_gib: float) -> dict:
+    def largest_fitting_size(self, fmt: str, cap_gib: float) -> int:
+        """The largest image side (a multiple of 128, at most --size) the planner fits under the cap."""
+        sides = range(self.args.size, 0, -128)
+        return next((s for s in sides if self.planner(fmt, cap_gib, s)["fits"]), sides[-1])
+
+    def planner(self, fmt: str, cap_gib: float, size: int) -> dict:
         """What the memory planner expects of this run (one process on one GPU): its terms, the
         peak `max_memory_allocated` should show (all but the CUDA context, plus one request's
         KV), and whether it thinks the run fits the cap."""
         def plan(gpu_bytes: int):
-            return plan_memory(self.config, 1, gpu_bytes, Workload(1, self.args.size), num_stages=1, quantize=fmt,
+            return plan_memory(self.config, 1, gpu_bytes, Workload(1, size), num_stages=1, quantize=fmt,
                                processes="local", cuda=self.cuda)
 
         unbounded = plan(1 << 50)  # the terms do not depend on the GPU's size; only the KV budget does

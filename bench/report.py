@@ -119,6 +119,8 @@ def quant_tables(doc: dict) -> str:
         if run["quantize"] == "fp8-gen-mlp":
             continue
         label = name if run["quantize"] else "bf16 (exact)"
+        if run.get("size", s["size"]) != s["size"]:
+            label += f", {run['size']}x{run['size']}"
         planned = run.get("planner", {})
         plan = "" if not planned else (f" ({_gib(planned['allocated_peak_bytes'])}"
                                        f"{'' if planned['fits'] else ', does not fit'})")

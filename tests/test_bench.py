@@ -107,4 +107,5 @@ def test_quant_benchmark_stops_at_its_time_budget(checkpoint_dir, tmp_path):
                        "--steps", "2", "--answer-tokens", "2", "--decode-tokens", "1", "--budget-s", "0",
                        "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "quant.json").read_text())
-    assert set(report["runs"]) == {"bf16"} and report["skipped"][:2] == ["int8", "fp8"]
+    assert set(report["runs"]) == {"bf16"}
+    assert report["skipped"] == ["int8 layer errors", "fp8 layer errors", "int8", "fp8", "fp8 kernels"]
