@@ -1,10 +1,10 @@
-"""The one attention entry point of the LLM and the ViT.
+"""Attention of the LLM and the ViT (the LLM's stages call it through their `Kernels.attend`).
 
 `attend(q, k, v, causal)` handles one packed segment: `n` queries against `L >= n` keys whose
 last `n` rows belong to the queries. Causal masks are bottom-right aligned (query i sees every
 cached key plus block keys <= i). Grouped-query attention is native (no K/V expansion).
 
-Which kernel runs `attend` is chosen per stage when it is built (`attention_backend`):
+Which kernel runs `attend` is chosen per stage when it is built (`kernels.select_kernels`):
 PyTorch SDPA (cuDNN / flash on GPUs) by default, or FlashAttention-4 ("fa4", the optional
 `flash-attn-4` package, CuTe DSL kernels for Hopper and Blackwell), which was faster on
 BAGEL's denoising shapes. Without that package or GPU, "fa4" falls back to SDPA.
@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import layers
-
 log = logging.getLogger(__name__)
 
 Attend = Callable[[Tensor, Tensor, Tensor, bool], Tensor]
+Softmax = Callable[[Tensor, Tensor, float], Tensor]  # (scores, additive bias, scale) -> probabilities
 ATTENTION_BACKENDS = ("sdpa", "fa4")
 
 
@@ -89,12 +88,13 @@ def attention_backend(name: str, device: torch.device) -> tuple[str, Attend]:
 
 
 def attend_slots(q: Tensor, k: Tensor, v: Tensor, k_slots: Tensor, v_slots: Tensor,
-                 rows: Tensor, write_index: Tensor, bias: Tensor) -> Tensor:
+                 rows: Tensor, write_index: Tensor, bias: Tensor, softmax: Softmax) -> Tensor:
     """One new token per row against preallocated K/V slots (row i uses slot i).
 
     q: [B, Hq, d]; k, v: [B, Hkv, d] are written at column `write_index` [B] of
     `k_slots`/`v_slots` [B, Hkv, capacity + 1, d] (`rows` = arange(B)); the query then attends
-    to the first `bias.shape[1]` columns, `bias` [B, window] holding 0 (visible) or -inf.
+    to the first `bias.shape[1]` columns, `bias` [B, window] holding 0 (visible) or -inf;
+    `softmax` is the stage's `Kernels.masked_softmax`.
     Fixed shapes throughout, so the step can be captured as a CUDA graph.
     """
     b, hq, d = q.shape
@@ -102,5 +102,5 @@ def attend_slots(q: Tensor, k: Tensor, v: Tensor, k_slots: Tensor, v_slots: Tens
     k_slots[rows, :, write_index] = k
     v_slots[rows, :, write_index] = v
     scores = torch.matmul(q.view(b, hkv, hq // hkv, d), k_slots[:, :, :window].transpose(-1, -2))
-    probs = layers.masked_softmax(scores, bias[:, None, None, :], d ** -0.5)
+    probs = softmax(scores, bias[:, None, None, :], d ** -0.5)
     return torch.matmul(probs, v_slots[:, :, :window]).reshape(b, hq, d)

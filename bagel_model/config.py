@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from .errors import CheckpointError
 from .transforms import ResizeRule
 from .vae import VAEConfig
@@ -91,6 +93,25 @@ class BagelConfig:
     def max_image_side(self) -> int:
         """Largest generated image side in pixels."""
         return self.max_latent_size * self.latent_downsample
+
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Latent tokens (rows, columns) of a `height` x `width` image."""
+        return height // self.latent_downsample, width // self.latent_downsample
+
+    def vit_grid(self, height: int, width: int) -> tuple[int, int]:
+        """ViT patches (rows, columns) of a ViT-resized `height` x `width` image."""
+        return height // self.vit.patch_size, width // self.vit.patch_size
+
+    def resize_input(self, image: Image.Image) -> tuple[Image.Image, Image.Image]:
+        """An RGB input image resized for the VAE, and for the ViT, whose rule applies to the
+        VAE-resized image (the official order, spec §6)."""
+        vae = self.vae_transform(image)
+        return vae, self.vit_transform(vae)
+
+    def input_image_sizes(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The (width, height) pair `resize_input` gives an image of this size, without resizing."""
+        vae = self.vae_transform.target_size(width, height)
+        return vae, self.vit_transform.target_size(*vae)
 
     @classmethod
     def from_checkpoint_dir(cls, path: str | Path) -> BagelConfig:

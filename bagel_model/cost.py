@@ -4,10 +4,17 @@ from __future__ import annotations
 from .config import LLMConfig
 
 
+def gemm_shapes(llm: LLMConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of one expert's GEMMs in one decoder layer, as they run (q/k/v and
+    gate/up each as one GEMM)."""
+    d, q, kv = llm.hidden_size, llm.num_attention_heads * llm.head_dim, llm.num_key_value_heads * llm.head_dim
+    return {"qkv": (d, q + 2 * kv), "o_proj": (q, d), "gate_up": (d, 2 * llm.intermediate_size),
+            "down": (llm.intermediate_size, d)}
+
+
 def linear_macs_per_token(llm: LLMConfig) -> int:
     """Multiply-adds of one token through the linear layers of one decoder layer."""
-    d, q, kv = llm.hidden_size, llm.num_attention_heads * llm.head_dim, llm.num_key_value_heads * llm.head_dim
-    return d * q + 2 * d * kv + q * d + 3 * d * llm.intermediate_size
+    return sum(k * n for k, n in gemm_shapes(llm).values())
 
 
 def forward_flops(llm: LLMConfig, query_tokens: int, context_tokens: int) -> float:
@@ -18,5 +25,7 @@ def forward_flops(llm: LLMConfig, query_tokens: int, context_tokens: int) -> flo
     return float(llm.num_hidden_layers * (linear + attention))
 
 
-def kv_bytes_per_token(llm: LLMConfig, dtype_bytes: int = 2) -> int:
-    return 2 * llm.num_hidden_layers * llm.num_key_value_heads * llm.head_dim * dtype_bytes
+def kv_bytes_per_token(llm: LLMConfig, dtype_bytes: int = 2, layers: int | None = None) -> int:
+    """KV-cache bytes of one token over `layers` layers (default: all)."""
+    layers = llm.num_hidden_layers if layers is None else layers
+    return 2 * layers * llm.num_key_value_heads * llm.head_dim * dtype_bytes

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from .kv_cache import MIN_CAPACITY, KVCache, _bucket
-from . import layers
 from .layers import rope_cos_sin
 from .model import BagelStage
 from .segments import Segment, SegmentKind, to_device
@@ -102,4 +101,4 @@ class DecodeStep:
                                       rows, write, bias)
         if not stage.stage.is_last:
             return x + pending
-        return stage.language_model.lm_head(layers.add_rms_norm(x, pending, body.norm.weight, body.norm.eps)[1])
+        return stage.language_model.lm_head(stage.kernels.add_rms_norm(x, pending, body.norm.weight, body.norm.eps)[1])

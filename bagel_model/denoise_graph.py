@@ -3,10 +3,10 @@
 Every step of one image runs the same forward: the same branches (contexts), the same token
 count, the same cached K/V read; only the input hidden states change. So the second time a
 call with those facts arrives it is captured once as a graph, and later steps only copy their
-input into the graph's static buffer and replay it: the host enqueues a whole forward in a few
-milliseconds instead of ~75 ms of Python and launches (which is what bounded 512² images on
-an H200), and the GPU runs the step's ~1,000 kernels back to back. Same kernels, same numbers as
-the eager forward (checked by `bench/check_fastpaths.py`).
+input into the graph's static buffer and replay it: the host enqueues a whole forward at once
+instead of launching its ~1,000 kernels one by one from Python (which is what bounds small
+images; bench/results/profile_denoise_*.json has the numbers), and the GPU runs them back to
+back. Same kernels, same numbers as the eager forward (checked by `bench/check_fastpaths.py`).
 
 A graph holds references to the K/V tensors it reads, so they cannot be freed under it; a call
 whose contexts have other K/V tensors than at the capture (same lengths) runs eagerly and is

@@ -14,9 +14,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import Tensor
-
-from .layers import SwiGLU
+from torch import Tensor, nn
 
 # Below this many tokens (decode steps, the two marker tokens of an image) the GEMMs are tiny
 # and cuBLAS's small-matrix kernels are the better choice.
@@ -62,7 +60,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, tuned: bool = True) -
 
 
 class EpilogueSwiGLU:
-    """A `SwiGLU.fused` implementation: both MLP GEMMs through quack for bf16/fp16 CUDA inputs of
+    """A fused MLP (`Kernels.mlp`): both MLP GEMMs through quack for bf16/fp16 CUDA inputs of
     at least `min_tokens` tokens, `SwiGLU.plain` for the rest. `tuned` runs quack's autotuner
     on the first call of each shape (tens of seconds; it happens in the eager step that precedes
     any CUDA-graph capture of the same shapes). Quantized or compressed weights (a packed
@@ -71,7 +69,8 @@ class EpilogueSwiGLU:
     def __init__(self, tuned: bool = True, min_tokens: int = MIN_TOKENS):
         self.tuned, self.min_tokens = tuned, min_tokens
 
-    def __call__(self, mlp: SwiGLU, x: Tensor, residual: Tensor | None) -> Tensor:
+    def __call__(self, mlp: nn.Module, x: Tensor, residual: Tensor | None) -> Tensor:
+        """`mlp`: the `layers.SwiGLU` (not imported: layers imports kernels, which imports this)."""
         if x.shape[0] < self.min_tokens or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) \
                 or mlp.gate_up.packed:
             return mlp.plain(x, residual)

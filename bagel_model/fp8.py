@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from . import layers
 from .errors import InvalidRequest
+from .kernels import silu_mul
 from .model import BagelStage
 
 FP8 = torch.float8_e4m3fn
@@ -32,7 +33,7 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def silu_mul_quantized(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    return quantize_rows(layers.silu_mul(gate, up))
+    return quantize_rows(silu_mul(gate, up))
 
 
 @functools.cache

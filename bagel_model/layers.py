@@ -1,4 +1,6 @@
-"""Small building blocks: RMSNorm, RoPE, SwiGLU MLP, timestep embedder, 2-D position tables."""
+"""Small building blocks: RMSNorm, RoPE tables, SwiGLU MLP, timestep embedder, 2-D position tables.
+
+Modules that run elementwise kernels take the stage's `Kernels` (kernels.py) when built."""
 from __future__ import annotations
 
 import math
@@ -9,26 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Normalise in float32, cast back to the input dtype, then scale (Qwen2 semantics)."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
-
-
-def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
-    return F.silu(gate) * up
+from .kernels import EAGER, Kernels
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, kernels: Kernels = EAGER):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.kernels = eps, kernels
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
 class FusedLinear(nn.Module):
@@ -98,23 +91,24 @@ def add_linear_(residual: Tensor, x: Tensor, linear: nn.Linear) -> Tensor:
 
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), no biases; gate and up run as one GEMM. With `residual`,
-    the output is added to it in place (`add_linear_`) and returned. `fused`, when set
-    (`kernel_choice.use_kernels`), computes the same with GEMMs that fuse the SwiGLU and the
-    residual add into their epilogues, and may hand inputs back to `plain`."""
+    the output is added to it in place (`add_linear_`) and returned. A fused MLP in the stage's
+    kernels (`Kernels.mlp`) computes the same with GEMMs that fuse the SwiGLU and the residual
+    add into their epilogues, and may hand inputs back to `plain`."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, kernels: Kernels = EAGER):
         super().__init__()
+        self.kernels = kernels
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.gate_up = FusedLinear(self.gate_proj, self.up_proj)
-        self.fused: Callable[[SwiGLU, Tensor, Tensor | None], Tensor] | None = None
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        return self.plain(x, residual) if self.fused is None else self.fused(self, x, residual)
+        fused = self.kernels.mlp
+        return self.plain(x, residual) if fused is None else fused(self, x, residual)
 
     def plain(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        h = silu_mul(*self.gate_up(x).chunk(2, dim=-1))
+        h = self.kernels.silu_mul(*self.gate_up(x).chunk(2, dim=-1))
         return self.down_proj(h) if residual is None else add_linear_(residual, h, self.down_proj)
 
 
@@ -124,48 +118,6 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dt
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Half-split ("NeoX") rotary embedding. x: [T, heads, head_dim]; cos, sin: [T, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
-def qk_norm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
-    """Per-head RMSNorm of queries or keys [T, heads, head_dim], then RoPE."""
-    return apply_rope(rms_norm(x, weight, eps), cos, sin)
-
-
-def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """The residual update x + delta and its RMSNorm, in one pass when compiled."""
-    x = x + delta
-    return x, rms_norm(x, weight, eps)
-
-
-def masked_softmax(scores: Tensor, bias: Tensor, scale: float) -> Tensor:
-    """softmax(scores * scale + bias) in float32, returned in the scores' dtype."""
-    return (scores.float() * scale + bias).softmax(-1).to(scores.dtype)
-
-
-_ELEMENTWISE = {"rms_norm": rms_norm, "silu_mul": silu_mul, "qk_norm_rope": qk_norm_rope,
-                "add_rms_norm": add_rms_norm, "masked_softmax": masked_softmax}
-
-
-def compile_elementwise() -> None:
-    """Process-wide: replace the elementwise kernels (RMSNorm, SiLU*mul, qk-norm + RoPE, and the
-    decode step's residual-add + RMSNorm and masked softmax) by
-    fused `torch.compile`d versions. Same math; worth it on GPUs, where they are memory-bound.
-    Shapes start static and become dynamic only in the dimensions seen changing (the token
-    count), so inner strides stay known and loads vectorise."""
-    global rms_norm, silu_mul, qk_norm_rope, add_rms_norm, masked_softmax
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    rms_norm = torch.compile(_ELEMENTWISE["rms_norm"])
-    silu_mul = torch.compile(_ELEMENTWISE["silu_mul"])
-    qk_norm_rope = torch.compile(_ELEMENTWISE["qk_norm_rope"])
-    add_rms_norm = torch.compile(_ELEMENTWISE["add_rms_norm"])
-    masked_softmax = torch.compile(_ELEMENTWISE["masked_softmax"])
 
 
 class TimestepEmbedder(nn.Module):

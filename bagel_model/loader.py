@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import BagelConfig
 from .errors import CheckpointError, InvalidRequest
+from .kernels import EAGER, Kernels
 from .model import BagelStage
 from .mot import MoTDecoderLayer
 from .quantize import check_mode, quantize_module
@@ -40,11 +41,11 @@ def expected_ema_shapes(config: BagelConfig) -> dict[str, tuple[int, ...]]:
 
 def load_stage(checkpoint_dir: str | Path, config: BagelConfig, stage: StageSpec | None = None, *,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-               quantize: str | None = None) -> BagelStage:
-    """The MoT language model restricted to `stage` (default: all layers); `quantize`: the
-    format of its decoder layers' linear weights (quantize.py)."""
+               quantize: str | None = None, kernels: Kernels = EAGER) -> BagelStage:
+    """The MoT language model restricted to `stage` (default: all layers), running `kernels`;
+    `quantize`: the format of its decoder layers' linear weights (quantize.py)."""
     stage = stage or full_model(config.llm.num_hidden_layers)
-    return _load(Path(checkpoint_dir) / EMA_FILE, lambda: BagelStage(config, stage),
+    return _load(Path(checkpoint_dir) / EMA_FILE, lambda: BagelStage(config, stage, kernels),
                  set(expected_ema_shapes(config)), device, dtype, quantize)
 
 

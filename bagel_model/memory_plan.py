@@ -39,7 +39,9 @@ from .layers import FusedLinear
 from .model import BagelStage
 from .mot import MoTDecoderLayer
 from .quantize import APPROXIMATE, stored_bytes
+from .segments import image_block_len
 from .stage import StageSpec, full_model, split_layers
+from .tokenizer import text_block_len
 from .vae import AutoEncoder
 from .vit import EncoderLayer, VisionEncoder
 
@@ -165,19 +167,16 @@ def vae_weight_bytes(config: BagelConfig, dtype: torch.dtype = torch.float32) ->
 
 def image_tokens(config: BagelConfig, size: int) -> tuple[int, int]:
     """(VAE, ViT) context tokens of an input image resized to `size` x `size`, markers included."""
-    w, h = config.vae_transform.target_size(size, size)
-    vw, vh = config.vit_transform.target_size(w, h)
-    return ((w // config.latent_downsample) * (h // config.latent_downsample) + 2,
-            (vw // config.vit.patch_size) * (vh // config.vit.patch_size) + 2)
+    (w, h), (vw, vh) = config.input_image_sizes(size, size)
+    return (image_block_len(math.prod(config.latent_grid(h, w))),
+            image_block_len(math.prod(config.vit_grid(vh, vw))))
 
 
 def request_kv_bytes(config: BagelConfig, size: int, prompt_tokens: int, layers: int, dtype_bytes: int = 2) -> int:
     """KV bytes one S x S edit holds on a stage of `layers` layers: the conditional context
-    (image and prompt), the text-free fork (image only) and the image-free context (prompt);
-    a prompt block has two marker tokens more than its text."""
+    (image and prompt), the text-free fork (image only) and the image-free context (prompt)."""
     vae, vit = image_tokens(config, size)
-    per_token = kv_bytes_per_token(config.llm, dtype_bytes) * layers // config.llm.num_hidden_layers
-    return per_token * (2 * (vae + vit) + 2 * (prompt_tokens + 2))
+    return kv_bytes_per_token(config.llm, dtype_bytes, layers) * (2 * (vae + vit) + 2 * text_block_len(prompt_tokens))
 
 
 def decode_slot_bytes(config: BagelConfig, size: int, prompt_tokens: int, concurrency: int, layers: int,
@@ -186,12 +185,11 @@ def decode_slot_bytes(config: BagelConfig, size: int, prompt_tokens: int, concur
     _, vit = image_tokens(config, size)
     slots = _bucket(min(concurrency, MAX_DECODE_SLOTS))
     capacity = _bucket(vit + prompt_tokens + DECODE_NEW_TOKENS, MIN_CAPACITY) + 1
-    per_token = kv_bytes_per_token(config.llm, dtype_bytes) * layers // config.llm.num_hidden_layers
-    return slots * capacity * per_token
+    return slots * capacity * kv_bytes_per_token(config.llm, dtype_bytes, layers)
 
 
 def forward_tokens(config: BagelConfig, size: int, branches: int) -> int:
-    return branches * ((size // config.latent_downsample) ** 2 + 2)
+    return branches * image_block_len(math.prod(config.latent_grid(size, size)))
 
 
 def forward_activation_bytes(config: BagelConfig, tokens: int, dtype_bytes: int = 2) -> int:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import BagelConfig
+from .kernels import EAGER, Kernels
 from .kv_cache import KVCache
 from .layers import PositionTable, RMSNorm, TimestepEmbedder, grid_position_ids, rope_cos_sin
 from .mot import MoTDecoderLayer
@@ -28,23 +29,24 @@ class _LanguageModel(nn.Module):
 
 
 class BagelStage(nn.Module):
-    def __init__(self, config: BagelConfig, stage: StageSpec):
+    def __init__(self, config: BagelConfig, stage: StageSpec, kernels: Kernels = EAGER):
+        """`kernels`: what its layers run (kernels.py), chosen for the stage's device."""
         super().__init__()
         llm = config.llm
         if stage.layers.start < 0 or stage.layers.stop > llm.num_hidden_layers or len(stage.layers) == 0:
             raise ValueError(f"{stage} does not fit a model of {llm.num_hidden_layers} layers")
-        self.config, self.stage = config, stage
+        self.config, self.stage, self.kernels = config, stage, kernels
         self.language_model = _LanguageModel()
         body = self.language_model.model = _Body()
-        body.layers = nn.ModuleDict({str(i): MoTDecoderLayer(llm, i) for i in stage.layers})
+        body.layers = nn.ModuleDict({str(i): MoTDecoderLayer(llm, i, kernels) for i in stage.layers})
         if stage.is_first:
             body.embed_tokens = nn.Embedding(llm.vocab_size, llm.hidden_size)
             self.time_embedder = TimestepEmbedder(llm.hidden_size, config.timestep_freq_size)
             self.vae2llm = nn.Linear(config.patch_latent_dim, llm.hidden_size)
             self.latent_pos_embed = PositionTable(config.max_latent_size, llm.hidden_size)
         if stage.is_last:
-            body.norm = RMSNorm(llm.hidden_size, llm.rms_norm_eps)
-            body.norm_moe_gen = RMSNorm(llm.hidden_size, llm.rms_norm_eps)
+            body.norm = RMSNorm(llm.hidden_size, llm.rms_norm_eps, kernels)
+            body.norm_moe_gen = RMSNorm(llm.hidden_size, llm.rms_norm_eps, kernels)
             self.language_model.lm_head = nn.Linear(llm.hidden_size, llm.vocab_size, bias=False)
             self.llm2vae = nn.Linear(llm.hidden_size, config.patch_latent_dim)
 
@@ -101,7 +103,8 @@ class BagelStage(nn.Module):
                 last = hidden[rows.stop - 1: rows.stop]
                 outputs.append(self.language_model.lm_head(body.norm(last))[0])
             elif seg.kind is SegmentKind.NOISE:
-                latent = hidden[rows.start + 1: rows.stop - 1]
+                inner = seg.image_rows(rows.start)
+                latent = hidden[inner.start:inner.stop]
                 outputs.append(self.llm2vae(body.norm_moe_gen(latent)))
             else:
                 outputs.append(None)

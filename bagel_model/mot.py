@@ -9,17 +9,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .attention import Attend, attend, attend_slots
+from .attention import attend_slots
 from .config import LLMConfig
+from .kernels import EAGER, Kernels
 from .kv_cache import KVCache
-from . import layers
-from .layers import FusedLinear, RMSNorm, SwiGLU
+from .layers import FusedLinear, RMSNorm, SwiGLU, add_linear_
 from .segments import PackedLayout
 
 
 class MoTAttention(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, kernels: Kernels = EAGER):
         super().__init__()
+        self.kernels = kernels
         d, hd = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
         for suffix in ("", "_moe_gen"):
@@ -27,11 +28,10 @@ class MoTAttention(nn.Module):
             setattr(self, f"k_proj{suffix}", nn.Linear(d, cfg.num_key_value_heads * hd))
             setattr(self, f"v_proj{suffix}", nn.Linear(d, cfg.num_key_value_heads * hd))
             setattr(self, f"o_proj{suffix}", nn.Linear(cfg.num_attention_heads * hd, d, bias=False))
-            setattr(self, f"q_norm{suffix}", RMSNorm(hd, cfg.rms_norm_eps))
-            setattr(self, f"k_norm{suffix}", RMSNorm(hd, cfg.rms_norm_eps))
+            setattr(self, f"q_norm{suffix}", RMSNorm(hd, cfg.rms_norm_eps, kernels))
+            setattr(self, f"k_norm{suffix}", RMSNorm(hd, cfg.rms_norm_eps, kernels))
         self.qkv = nn.ModuleDict({"gen" if s else "und": FusedLinear(*(getattr(self, f"{n}_proj{s}") for n in "qkv"))
                                   for s in ("", "_moe_gen")})
-        self.attend: Attend = attend  # the stage's attention backend (`kernel_choice.use_kernels`)
 
     def qkv_rope(self, h: Tensor, cos: Tensor, sin: Tensor, gen: bool) -> tuple[Tensor, Tensor, Tensor]:
         """q [T, Hq, d] and k [T, Hkv, d] (qk-normed, rotated) and v [T, Hkv, d] of one expert;
@@ -39,8 +39,9 @@ class MoTAttention(nn.Module):
         s = "_moe_gen" if gen else ""
         q, k, v = _unpack(self.qkv["gen" if gen else "und"](h), self.num_heads, self.num_kv_heads, self.head_dim)
         q_norm, k_norm = getattr(self, f"q_norm{s}"), getattr(self, f"k_norm{s}")
-        return (layers.qk_norm_rope(q, q_norm.weight, q_norm.eps, cos, sin),
-                layers.qk_norm_rope(k, k_norm.weight, k_norm.eps, cos, sin), v)
+        qk_norm_rope = self.kernels.qk_norm_rope
+        return (qk_norm_rope(q, q_norm.weight, q_norm.eps, cos, sin),
+                qk_norm_rope(k, k_norm.weight, k_norm.eps, cos, sin), v)
 
     def forward(self, h: Tensor, layout: PackedLayout, cos: Tensor, sin: Tensor,
                 cache: KVCache, layer: int, residual: Tensor) -> Tensor:
@@ -52,11 +53,11 @@ class MoTAttention(nn.Module):
             k_seg, v_seg = k[rows], v[rows]
             past = cache.get(seg.context_id, layer)
             k_all, v_all = (k_seg, v_seg) if past is None else (torch.cat([past[0], k_seg]), torch.cat([past[1], v_seg]))
-            out[rows] = self.attend(q[rows], k_all, v_all, seg.causal)
+            out[rows] = self.kernels.attend(q[rows], k_all, v_all, seg.causal)
             if seg.updates_cache:
                 cache.append(seg.context_id, layer, k_seg, v_seg)
-        return layout.route(out.flatten(1), lambda o, r: layers.add_linear_(r, o, self.o_proj),
-                            lambda o, r: layers.add_linear_(r, o, self.o_proj_moe_gen), residual)
+        return layout.route(out.flatten(1), lambda o, r: add_linear_(r, o, self.o_proj),
+                            lambda o, r: add_linear_(r, o, self.o_proj_moe_gen), residual)
 
 
 def _unpack(qkv: Tensor, hq: int, hkv: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -65,15 +66,15 @@ def _unpack(qkv: Tensor, hq: int, hkv: int, d: int) -> tuple[Tensor, Tensor, Ten
 
 
 class MoTDecoderLayer(nn.Module):
-    def __init__(self, cfg: LLMConfig, index: int):
+    def __init__(self, cfg: LLMConfig, index: int, kernels: Kernels = EAGER):
         super().__init__()
-        self.index = index
-        self.self_attn = MoTAttention(cfg)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
-        self.mlp_moe_gen = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.index, self.kernels = index, kernels
+        self.self_attn = MoTAttention(cfg, kernels)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, kernels)
+        self.mlp_moe_gen = SwiGLU(cfg.hidden_size, cfg.intermediate_size, kernels)
         for suffix in ("", "_moe_gen"):
-            setattr(self, f"input_layernorm{suffix}", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
-            setattr(self, f"post_attention_layernorm{suffix}", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+            setattr(self, f"input_layernorm{suffix}", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels))
+            setattr(self, f"post_attention_layernorm{suffix}", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels))
 
     def forward(self, x: Tensor, layout: PackedLayout, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
         """Updates the residual stream `x` in place (each residual add happens in the epilogue
@@ -92,9 +93,9 @@ class MoTDecoderLayer(nn.Module):
         `attention.attend_slots` and `decode_step.py`. Takes the residual stream and the
         previous layer's output not yet added to it, returns the same pair: each residual add
         is fused into the RMSNorm that follows it."""
-        attn, eps = self.self_attn, self.input_layernorm.eps
-        x, h = layers.add_rms_norm(x, pending, self.input_layernorm.weight, eps)
+        attn, eps, kernels = self.self_attn, self.input_layernorm.eps, self.kernels
+        x, h = kernels.add_rms_norm(x, pending, self.input_layernorm.weight, eps)
         q, k, v = attn.qkv_rope(h, cos, sin, gen=False)
-        out = attend_slots(q, k, v, k_slots, v_slots, rows, write_index, bias)
-        x, h = layers.add_rms_norm(x, attn.o_proj(out.flatten(1)), self.post_attention_layernorm.weight, eps)
+        out = attend_slots(q, k, v, k_slots, v_slots, rows, write_index, bias, kernels.masked_softmax)
+        x, h = kernels.add_rms_norm(x, attn.o_proj(out.flatten(1)), self.post_attention_layernorm.weight, eps)
         return x, self.mlp(h)

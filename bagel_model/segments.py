@@ -14,6 +14,11 @@ import torch
 from torch import Tensor
 
 
+def image_block_len(image_tokens: int) -> int:
+    """Tokens of an image block: its image tokens plus the two markers around them."""
+    return image_tokens + 2
+
+
 def to_device(t: Tensor, device: torch.device) -> Tensor:
     """`t` on `device`; a CPU tensor goes to a GPU through pinned memory without blocking the
     host (a plain copy from pageable memory waits for the GPU to drain first)."""
@@ -53,12 +58,13 @@ class Segment:
 
     @staticmethod
     def vit(context_id: str, embeds: Tensor, rope_pos: int) -> Segment:
-        return Segment(SegmentKind.VIT, context_id, rope_pos, embeds.shape[0] + 2, embeds=embeds)
+        return Segment(SegmentKind.VIT, context_id, rope_pos, image_block_len(embeds.shape[0]), embeds=embeds)
 
     @staticmethod
     def vae(context_id: str, latents: Tensor, grid: tuple[int, int], rope_pos: int) -> Segment:
         _check_grid(latents, grid)
-        return Segment(SegmentKind.VAE, context_id, rope_pos, latents.shape[0] + 2, latents=latents, grid=grid)
+        return Segment(SegmentKind.VAE, context_id, rope_pos, image_block_len(latents.shape[0]), latents=latents,
+                       grid=grid)
 
     @staticmethod
     def noise(context_id: str, latents: Tensor | None, grid: tuple[int, int], t: float, rope_pos: int) -> Segment:
@@ -67,7 +73,8 @@ class Segment:
             _check_grid(latents, grid)
         elif grid[0] * grid[1] <= 0:
             raise ValueError(f"empty latent grid {grid}")
-        return Segment(SegmentKind.NOISE, context_id, rope_pos, grid[0] * grid[1] + 2, latents=latents, grid=grid, t=t)
+        return Segment(SegmentKind.NOISE, context_id, rope_pos, image_block_len(grid[0] * grid[1]), latents=latents,
+                       grid=grid, t=t)
 
     @property
     def causal(self) -> bool:
@@ -80,6 +87,10 @@ class Segment:
     @property
     def has_latents(self) -> bool:
         return self.kind in (SegmentKind.VAE, SegmentKind.NOISE)
+
+    def image_rows(self, start: int) -> range:
+        """Rows of the image tokens (between the markers) of this image block packed from row `start`."""
+        return range(start + 1, start + self.num_tokens - 1)
 
     def metadata(self) -> Segment:
         """This segment without payload tensors (what stages after the first receive)."""
@@ -116,7 +127,8 @@ class PackedLayout:
             else:
                 positions.append(torch.full((s.num_tokens,), s.rope_pos))
             if s.has_latents:
-                gen.append(torch.arange(row + 1, row + s.num_tokens - 1))
+                rows = s.image_rows(row)
+                gen.append(torch.arange(rows.start, rows.stop))
             row += s.num_tokens
         is_gen = torch.zeros(row, dtype=torch.bool)
         if gen:

@@ -54,6 +54,11 @@ def build_qwen2_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]],
     return tok
 
 
+def text_block_len(tokens: int) -> int:
+    """Tokens of a text block: its text's tokens plus <|im_start|> and <|im_end|>."""
+    return tokens + 2
+
+
 class BagelTokenizer:
     """Text <-> ids, plus the ids of the four tokens BAGEL uses."""
 
@@ -86,6 +91,15 @@ class BagelTokenizer:
             raise
         except Exception as e:  # tokenizers raises plain Exception subclasses on bad files
             raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
+
+    @property
+    def image_markers(self) -> tuple[int, int]:
+        """The ids of <|vision_start|> and <|vision_end|>, around every image block."""
+        return self.vision_start_id, self.vision_end_id
+
+    def text_block(self, ids: list[int]) -> list[int]:
+        """A text block as contexts hold it: <|im_start|> ids <|im_end|> (`text_block_len` long)."""
+        return [self.bos_id, *ids, self.eos_id]
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

@@ -101,10 +101,6 @@ class ResizeRule:
         return img.resize(size, Image.BICUBIC)
 
 
-VAE_RULE = ResizeRule(max_size=1024, min_size=512, stride=16)
-VIT_RULE = ResizeRule(max_size=980, min_size=224, stride=14)
-
-
 def to_tensor(img: Image.Image) -> Tensor:
     """RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
     if img.mode != "RGB":

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from .plan import QUANTIZE_CHOICES, add_plan, quantize_arg
+from .plan import add_plan, quantize_arg, quantize_choices
 from .serve import add_loadtest, add_serve
 
 EXIT_OK = 0
@@ -122,33 +120,21 @@ def _add_think(p: argparse.ArgumentParser, text: str) -> None:
 
 
 def _add_image_knobs(p: argparse.ArgumentParser, base) -> None:
-    from pipelines.params import RENORM_TYPES
+    """A flag for every sampler knob (pipelines/params.py), showing this task's default."""
+    from typing import Literal, get_args, get_origin
+
+    from pipelines.params import image_knobs
 
     g = p.add_argument_group("image knobs (official BAGEL names; defaults are this task's)")
-    g.add_argument("--cfg-text-scale", type=float, metavar="S",
-                   help=f"text guidance: how strongly the image follows the prompt, >= 1; 1 turns all guidance "
-                        f"off (default: {base.cfg_text_scale})")
-    g.add_argument("--cfg-img-scale", type=float, metavar="S",
-                   help=f"image guidance: how strongly the output keeps the input image's details, >= 1 "
-                        f"(default: {base.cfg_img_scale})")
-    g.add_argument("--cfg-interval", type=float, nargs=2, metavar=("START", "END"),
-                   help=f"apply guidance only while the timestep t (1 = noise, 0 = image) is in [START, END] "
-                        f"(default: {base.cfg_interval[0]} {base.cfg_interval[1]})")
-    g.add_argument("--timestep-shift", type=float, metavar="X",
-                   help=f"shift the schedule toward the noisy end: higher spends more steps on layout, lower on "
-                        f"detail (default: {base.timestep_shift})")
-    g.add_argument("--num-timesteps", type=int, metavar="N",
-                   help=f"number of denoising timesteps, 2..1000 (default: {base.num_timesteps})")
-    g.add_argument("--cfg-renorm-min", type=float, metavar="X",
-                   help=f"floor of the guided velocity's norm rescale, in [0, 1]; 1 disables the rescale "
-                        f"(default: {base.cfg_renorm_min})")
-    g.add_argument("--cfg-renorm-type", choices=RENORM_TYPES,
-                   help=f"renormalise the guided velocity over the whole image (global), per token (channel), or "
-                        f"the text-guided part per token before image guidance (text_channel) "
-                        f"(default: {base.cfg_renorm_type})")
-    g.add_argument("--cfg-refresh-interval", type=int, metavar="K",
-                   help="APPROXIMATE when K > 1, and faster: run the guidance branches every K-th guided step "
-                        "only, estimating them in between (default: 1, exact)")
+    for knob in image_knobs():
+        default = getattr(base, knob.name)
+        kwargs: dict = {"metavar": knob.metavar or ("N" if knob.type is int else "X"), "type": knob.type}
+        if get_origin(knob.type) is Literal:
+            kwargs = {"choices": get_args(knob.type)}
+        elif get_origin(knob.type) is tuple:
+            kwargs.update(type=get_args(knob.type)[0], nargs=len(get_args(knob.type)))
+            default = " ".join(map(str, default))
+        g.add_argument(f"--{knob.name.replace('_', '-')}", help=f"{knob.help} (default: {default})", **kwargs)
     g.add_argument("--negative-prompt", metavar="TEXT",
                    help="what to steer away from: the text guidance branch's context instead of no text")
     g.add_argument("--seed", type=int, help="random seed (default: a random one, printed on stderr)")
@@ -179,7 +165,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "float32 on cpu)")
     g.add_argument("--stages", type=int, default=1, metavar="N",
                    help="split the LLM layers into N pipeline stages run one after another (default: 1)")
-    g.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+    g.add_argument("--quantize", choices=quantize_choices(),
                    help="weight format of the LLM's linear layers: none (default: exact), df11 (lossless, ~70%% of "
                         "the memory), int8, nf4, fp8 (APPROXIMATE; fp8 needs an Ada or newer GPU), auto (what the "
                         "memory planner picks for this device)")
@@ -219,24 +205,24 @@ def run_understand(args: argparse.Namespace) -> int:
 
     items = [_open_image(path) for path in args.images] + [args.prompt]
     text_params = _text_params(args).validate()
-    model = load_model(args)
-    understand(model.executor, items, text_params, think=args.think, seed=args.seed, on_text=_print_stream)
+    executor = load_model(args)
+    understand(executor, items, text_params, think=args.think, seed=args.seed, on_text=_print_stream)
     _end_stream()
     return EXIT_OK
 
 
 def _run_image_task(args: argparse.Namespace, items: list, params, output: Path) -> int:
-    from pipelines.noise import NoiseSource
+    from pipelines.noise import NoiseSource, random_seed
     from pipelines.tasks import generate_image
 
     text_params = _text_params(args).validate()
-    model = load_model(args, params)
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    executor = load_model(args, params)
+    seed = args.seed if args.seed is not None else random_seed()
     if args.seed is None:
         _info(f"seed {seed}")
     progress = _StepBar()
     try:
-        result = generate_image(model.executor, items, params, think=args.think, text_params=text_params,
+        result = generate_image(executor, items, params, think=args.think, text_params=text_params,
                                 noise=NoiseSource(seed), negative_prompt=args.negative_prompt, on_step=progress,
                                 on_text=_print_stream)
     finally:
@@ -251,13 +237,6 @@ def _run_image_task(args: argparse.Namespace, items: list, params, output: Path)
 
 
 # --------------------------------------------------------------------------- model
-
-
-@dataclass
-class Model:
-    executor: object
-    checkpoint: Path
-    demo: bool
 
 
 def resolve_checkpoint(arg: str | None) -> tuple[Path, bool]:
@@ -275,22 +254,24 @@ def resolve_checkpoint(arg: str | None) -> tuple[Path, bool]:
     return path, is_demo_checkpoint(path)
 
 
-def load_model(args: argparse.Namespace, image_params=None) -> Model:
-    """Resolve the checkpoint, check the request against its configuration, then load it."""
+def load_model(args: argparse.Namespace, image_params=None):
+    """Resolve the checkpoint, check the request against its configuration, then load it;
+    returns the executor."""
     import torch
 
     from bagel_model.config import BagelConfig
     from bagel_model.demo import DEMO_LABEL
+    from bagel_model.devices import default_device, default_dtype
     from bagel_model.errors import InvalidRequest
     from pipelines.local import LocalExecutor
 
-    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise CliError(f"--device {device}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise CliError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     checkpoint, demo = resolve_checkpoint(args.checkpoint)
     if demo:
         _warn(f"the model is {DEMO_LABEL}. For real outputs pass --checkpoint DIR or set ${CHECKPOINT_ENV} "
@@ -303,12 +284,10 @@ def load_model(args: argparse.Namespace, image_params=None) -> Model:
     if not 1 <= args.stages <= layers:
         raise InvalidRequest(f"stages must be in [1, {layers}] (the model has {layers} layers), got {args.stages}")
     quantize = _quantize(args, config, device)
-    _info(f"loading {checkpoint} on {device} ({dtype_name}, {args.stages} stage{'s' if args.stages > 1 else ''}"
-          f"{', weights ' + quantize if quantize else ''})")
-    executor = LocalExecutor.from_checkpoint(checkpoint, num_stages=args.stages, device=device,
-                                             dtype=getattr(torch, dtype_name), quantize=quantize,
-                                             quantize_vit=args.quantize_vit)
-    return Model(executor, checkpoint, demo)
+    _info(f"loading {checkpoint} on {device} ({str(dtype).removeprefix('torch.')}, "
+          f"{args.stages} stage{'s' if args.stages > 1 else ''}{', weights ' + quantize if quantize else ''})")
+    return LocalExecutor.from_checkpoint(checkpoint, num_stages=args.stages, device=device, dtype=dtype,
+                                         quantize=quantize, quantize_vit=args.quantize_vit)
 
 
 def _quantize(args: argparse.Namespace, config, device) -> str | None:
@@ -332,11 +311,9 @@ def _quantize(args: argparse.Namespace, config, device) -> str | None:
 
 
 def _image_params(args: argparse.Namespace, base, **extra):
-    from pipelines.params import with_overrides
+    from pipelines.params import image_knobs, with_overrides
 
-    names = ("cfg_text_scale", "cfg_img_scale", "cfg_interval", "timestep_shift", "num_timesteps",
-             "cfg_renorm_min", "cfg_renorm_type", "cfg_refresh_interval")
-    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    overrides = {k.name: getattr(args, k.name) for k in image_knobs() if getattr(args, k.name) is not None}
     overrides.update({k: v for k, v in extra.items() if v is not None})
     return with_overrides(base, overrides)
 

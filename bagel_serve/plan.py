@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-QUANTIZE_CHOICES = ("none", "df11", "int8", "nf4", "fp8", "auto")
+def quantize_choices() -> tuple[str, ...]:
+    """--quantize's choices: none (exact), the weight formats of bagel_model/quantize.py, auto."""
+    from bagel_model.quantize import MODES
+
+    return ("none", *MODES, "auto")
 
 
 def quantize_arg(text: str | None) -> str | None:
@@ -26,7 +30,7 @@ def add_plan(subparsers) -> None:
                    help="requests whose KV cache must fit at once (default: 1)")
     p.add_argument("--size", type=int, metavar="PX", help="image side in pixels (default: the model's largest)")
     p.add_argument("--stages", type=int, metavar="N", help="pipeline stages (default: the planner's choice)")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
+    p.add_argument("--quantize", choices=quantize_choices(), default="auto",
                    help="weight format (default: auto = exact bf16 if it fits, else df11, int8, nf4)")
     p.add_argument("--quantize-vit", action="store_true", help="the ViT in the same format")
     p.add_argument("--local", action="store_true",

@@ -9,7 +9,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .plan import QUANTIZE_CHOICES, quantize_arg
+from .plan import quantize_arg, quantize_choices
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "ray_config.yaml"
 
@@ -22,7 +22,7 @@ def add_serve(subparsers) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default: the config's http_options.port)")
     p.add_argument("--checkpoint", default=None, help="BAGEL checkpoint folder (default: config, $BAGEL_CHECKPOINT, demo)")
     p.add_argument("--num-stages", type=_stages, default=None, help="MoT pipeline stages, or auto")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+    p.add_argument("--quantize", choices=quantize_choices(), default=None,
                    help="weight format of the LLM's linear layers (default: the config's): none (exact bf16), "
                         "df11 (lossless), int8, nf4, fp8 (APPROXIMATE), auto (the memory planner's choice)")
     p.set_defaults(run=run_serve)

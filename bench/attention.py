@@ -1,5 +1,5 @@
 """Attention kernels for BAGEL's denoising shape on this GPU: TFLOP/s of SDPA variants for a
-4098-token non-causal block over a cache (28 query heads, 4 KV heads, head_dim 128, bf16).
+1024x1024 image's (the largest) non-causal block over a cache (BAGEL-7B-MoT's heads, bf16).
 
     python -m bench.attention --out bench/results
 """
@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bagel_model.config import BagelConfig
+from bagel_model.segments import image_block_len
 from bench.provenance import write_report
 
 
@@ -32,7 +34,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
-    hq, hkv, d, lq = 28, 4, 128, 4098
+    config = BagelConfig()
+    llm = config.llm
+    hq, hkv, d = llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim
+    rows, cols = config.latent_grid(config.max_image_side, config.max_image_side)
+    lq, groups = image_block_len(rows * cols), hq // hkv
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "variants": {}}
     for context in (0, 90, 9020):
         lk = lq + context
@@ -40,9 +46,12 @@ def main() -> None:
         k = torch.randn(1, hkv, lk, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         flops = 4 * lq * lk * d * hq
+
+        def expanded():  # K/V repeated for every query head, inside the timed call
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1))
+
         variants = {
-            "expand_kv+default": lambda: F.scaled_dot_product_attention(
-                q, k.repeat_interleave(7, 1), v.repeat_interleave(7, 1)),
+            "expand_kv+default": expanded,
             "enable_gqa+default": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
         }
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
@@ -52,7 +61,7 @@ def main() -> None:
                     with sdpa_kernel(backend):
                         if gqa:
                             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-                        return F.scaled_dot_product_attention(q, k.repeat_interleave(7, 1), v.repeat_interleave(7, 1))
+                        return expanded()
                 variants[f"{name}{'+gqa' if gqa else '+expand_kv'}"] = fn
         for name, fn in variants.items():
             try:

@@ -6,7 +6,7 @@ stage (`--layers` layers) with random bf16 weights:
   the same forward captured as a CUDA graph and replayed twice against its eager run;
 - decoding: 32 teacher-forced steps of the CUDA-graph fast path (static K/V slots) against the
   packed path, both bf16, and both against float32;
-- with --attention / --mlp (bagel_model/kernel_choice.py): the denoising forward with those
+- with --attention / --mlp (bagel_model/kernels.py): the denoising forward with those
   kernels on top of the compiled ones, against float32, and its graph replays.
 
     python -m bench.check_fastpaths --out bench/results [--layers 4] [--attention fa4 --mlp quack --site /tmp/site]
@@ -19,9 +19,9 @@ import json
 
 import torch
 
-from bagel_model import layers
 from bagel_model.config import BagelConfig
-from bagel_model.demo import random_module
+from bagel_model.demo import demo_tokenizer, random_module
+from bagel_model.kernels import EAGER, KernelChoice, Kernels, select_kernels
 from bagel_model.model import BagelStage
 from bagel_model.runner import StageRunner
 from bagel_model.segments import Segment
@@ -29,7 +29,7 @@ from bagel_model.stage import StageSpec
 from bench.kernel_args import add_kernel_args, apply_kernel_args
 from bench.provenance import commit, write_report
 
-MARKERS = (151652, 151653)
+MARKERS = demo_tokenizer().image_markers  # random weights: any tokenizer's ids will do
 
 
 def deviation(x: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -43,7 +43,9 @@ def denoise(stage: BagelStage, prompt: torch.Tensor, x: torch.Tensor, calls: int
     first call runs eagerly, the second is captured and replayed, later ones replay."""
     runner = StageRunner(stage, MARKERS)
     runner.run([Segment.text("cond", prompt, 0)])
-    segments = [Segment.noise("cond", x, (64, 64), 0.9, len(prompt)), Segment.noise("cfg_text", x, (64, 64), 0.9, 0)]
+    side = stage.config.max_image_side
+    grid = stage.config.latent_grid(side, side)
+    segments = [Segment.noise("cond", x, grid, 0.9, len(prompt)), Segment.noise("cfg_text", x, grid, 0.9, 0)]
     return [torch.stack(runner.run(segments)).float() for _ in range(calls)]
 
 
@@ -63,17 +65,24 @@ def main() -> None:
     add_kernel_args(p)
     args = p.parse_args()
     config = BagelConfig()
-    stage = random_module(lambda: BagelStage(config, StageSpec(0, 1, range(args.layers))), "cuda", torch.bfloat16, 0)
+
+    def build(kernels: Kernels) -> BagelStage:  # the same random weights each time
+        spec = StageSpec(0, 1, range(args.layers))
+        return random_module(lambda: BagelStage(config, spec, kernels), "cuda", torch.bfloat16, 0)
+
+    stage = build(EAGER)
     reference = copy.deepcopy(stage).float()
     g = torch.Generator("cpu").manual_seed(0)
     prompt = torch.randint(0, 150000, (30,), generator=g)
-    x = torch.randn(4096, 64, generator=g).cuda()
+    rows, cols = config.latent_grid(config.max_image_side, config.max_image_side)
+    x = torch.randn(rows * cols, config.patch_latent_dim, generator=g).cuda()
     tokens = torch.randint(0, 150000, (32,), generator=g)
 
     fp32_denoise = denoise(reference, prompt, x)[0]
     fp32_decode = decode(reference, prompt, tokens, slots=0)
     eager_denoise = denoise(stage, prompt, x)[0]
-    layers.compile_elementwise()
+    del stage
+    stage = build(select_kernels("cuda", KernelChoice(compile=True)))
     compiled_denoise, *replayed = denoise(stage, prompt, x, calls=3)
     packed_decode = decode(stage, prompt, tokens, slots=0)
     graph_decode = decode(stage, prompt, tokens, slots=8)
@@ -90,7 +99,7 @@ def main() -> None:
                    "argmax_agreement": (graph_decode.argmax(-1) == packed_decode.argmax(-1)).float().mean().item()},
     }
     if (args.attention, args.mlp) != ("sdpa", "cublas"):
-        report["kernels_in_effect"] = apply_kernel_args(args, [stage])[0]
+        report["kernels_in_effect"] = apply_kernel_args(args, [stage], compile=True)[0]
         kernel_denoise, *replayed = denoise(stage, prompt, x, calls=3)
         report["denoise"] |= {"kernels_bf16_vs_fp32": deviation(kernel_denoise, fp32_denoise),
                               "kernels_vs_compiled_bf16": deviation(kernel_denoise, compiled_denoise),

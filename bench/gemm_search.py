@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 
 import torch
 import torch.nn.functional as F
 
 from bagel_model.config import BagelConfig
+from bagel_model.cost import gemm_shapes
+from bagel_model.segments import image_block_len
 from bench.profile import timed
 from bench.provenance import commit, write_report
-
-
-def shapes(config: BagelConfig) -> dict[str, tuple[int, int]]:
-    llm = config.llm
-    d, hd, inter = llm.hidden_size, llm.head_dim, llm.intermediate_size
-    qkv = (llm.num_attention_heads + 2 * llm.num_key_value_heads) * hd
-    return {"qkv": (d, qkv), "o_proj": (llm.num_attention_heads * hd, d), "gate_up": (d, 2 * inter), "down": (inter, d)}
 
 
 def tflops(m: int, k: int, n: int, ms: float) -> float:
@@ -39,12 +35,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--name", default="gemm_search_h100")
-    p.add_argument("--rows", type=int, default=2 * 4098)
+    config = BagelConfig()
+    side = config.max_image_side
+    p.add_argument("--rows", type=int, default=2 * image_block_len(math.prod(config.latent_grid(side, side))),
+                   help="GEMM rows (default: two CFG branches of the largest image's block)")
     p.add_argument("--repeats", type=int, default=30)
     args = p.parse_args()
     torch.manual_seed(0)
     results = {}
-    for name, (k, n) in shapes(BagelConfig()).items():
+    for name, (k, n) in gemm_shapes(config.llm).items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
         row = {}
         for m in (args.rows, args.rows // 128 * 128):

@@ -1,4 +1,4 @@
-"""The benchmarks' flags for the optional kernels (`bagel_model/kernel_choice.py`) and for the
+"""The benchmarks' flags for the optional kernels (`bagel_model/kernels.py`) and for the
 site folder that the GPU machine's carried packages were installed into
 (bench/carry_kernels.sh, bench/install_kernels.sh).
 
@@ -16,7 +16,7 @@ import sys
 from torch import nn
 
 from bagel_model.attention import ATTENTION_BACKENDS
-from bagel_model.kernel_choice import MLP_BACKENDS, KernelChoice, use_kernels
+from bagel_model.kernels import MLP_BACKENDS, KernelChoice, use_kernels
 
 
 def add_kernel_args(p: argparse.ArgumentParser) -> None:
@@ -45,8 +45,15 @@ def quack_settings() -> None:
     os.environ.setdefault("QUACK_CACHE_AUTOTUNING", "1")
 
 
-def apply_kernel_args(args: argparse.Namespace, stages: list[nn.Module]) -> list[dict]:
-    """Put the chosen kernels into `stages`; returns the choice in effect in each."""
+def kernel_choice(args: argparse.Namespace, compile: bool) -> KernelChoice:
+    """The kernels the flags name, with the compiled elementwise kernels or not (the carried
+    packages made importable first)."""
     add_site_dirs(args.site)
     quack_settings()
-    return [vars(use_kernels(stage, KernelChoice(args.attention, args.mlp))) for stage in stages]
+    return KernelChoice(args.attention, args.mlp, compile)
+
+
+def apply_kernel_args(args: argparse.Namespace, stages: list[nn.Module], compile: bool) -> list[dict]:
+    """Put the chosen kernels into built `stages`; returns the choice in effect in each."""
+    choice = kernel_choice(args, compile)
+    return [vars(use_kernels(stage, choice)) for stage in stages]

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from bagel_model import attention, epilogue_gemm, layers
 from bagel_model.config import BagelConfig
 from bagel_model.demo import demo_tokenizer
+from bagel_model.kernels import EAGER
 from bench.check_fastpaths import deviation
 from bench.kernel_args import add_site_dirs, quack_settings
 from bench.latency import denoise_shapes
@@ -230,10 +231,10 @@ def build_ops(cfg: BagelConfig, size: int, device: torch.device, dtype: torch.dt
 
     x = torch.randn(m, d, generator=g, device=device, dtype=dtype)
     gate_up = random_linear(d, 2 * h, False, device, dtype, g)
-    silu_mul = compiled(layers.silu_mul, device)
+    silu_mul = compiled(EAGER.silu_mul, device)
     ops.append(Op(
         "gate_up + SwiGLU", layers_n, flops=2.0 * m * d * 2 * h, inputs={"x": x},
-        reference=lambda i: layers.silu_mul(*F.linear(i["x"].float(), gate_up.weight.float()).chunk(2, dim=-1)),
+        reference=lambda i: EAGER.silu_mul(*F.linear(i["x"].float(), gate_up.weight.float()).chunk(2, dim=-1)),
         variants={"current": lambda: lambda i: silu_mul(*F.linear(i["x"], gate_up.weight).chunk(2, dim=-1)),
                   **quack_variants(lambda i, tuned: epilogue_gemm.swiglu_gate_up(i["x"], gate_up.weight, tuned), device)}))
 
@@ -256,7 +257,7 @@ def build_ops(cfg: BagelConfig, size: int, device: torch.device, dtype: torch.dt
                   **quack_variants(lambda i, tuned: epilogue_gemm.linear(i["x"], qkv.weight, qkv.bias, tuned), device)}))
 
     norm_w = (1 + 0.1 * torch.randn(d, generator=g, device=device)).to(dtype)
-    rms_norm = compiled(layers.rms_norm, device)
+    rms_norm = compiled(EAGER.rms_norm, device)
 
     def quack_rmsnorm():
         needs(epilogue_gemm.quack_unavailable(device))
@@ -265,13 +266,13 @@ def build_ops(cfg: BagelConfig, size: int, device: torch.device, dtype: torch.dt
 
     ops.append(Op(
         "rms_norm", 2 * layers_n, bytes=2.0 * x.numel() * x.element_size(), inputs={"x": x},
-        reference=lambda i: layers.rms_norm(i["x"].float(), norm_w.float(), llm.rms_norm_eps),
+        reference=lambda i: EAGER.rms_norm(i["x"].float(), norm_w.float(), llm.rms_norm_eps),
         variants={"current": lambda: lambda i: rms_norm(i["x"], norm_w, llm.rms_norm_eps), "quack": quack_rmsnorm}))
 
     qkv_out = torch.randn(m, (hq + 2 * hkv) * hd, generator=g, device=device, dtype=dtype)
     qn_w, kn_w = ((1 + 0.1 * torch.randn(hd, generator=g, device=device)).to(dtype) for _ in range(2))
     cos, sin = layers.rope_cos_sin(torch.arange(m, device=device) % 4096, hd, llm.rope_theta, dtype)
-    qk_norm_rope = compiled(layers.qk_norm_rope, device)
+    qk_norm_rope = compiled(EAGER.qk_norm_rope, device)
     eps = llm.rms_norm_eps
 
     def split(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -284,7 +285,7 @@ def build_ops(cfg: BagelConfig, size: int, device: torch.device, dtype: torch.dt
 
     def joint_eager(t: Tensor, qw: Tensor, kw: Tensor, c: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         q, k = split(t)
-        return layers.qk_norm_rope(q, qw, eps, c, s), layers.qk_norm_rope(k, kw, eps, c, s)
+        return EAGER.qk_norm_rope(q, qw, eps, c, s), EAGER.qk_norm_rope(k, kw, eps, c, s)
 
     def joint():
         fn = compiled(joint_eager, device)
@@ -293,7 +294,7 @@ def build_ops(cfg: BagelConfig, size: int, device: torch.device, dtype: torch.dt
     qk_bytes = 2.0 * m * (hq + hkv) * hd * 2
     ops.append(Op(
         "q/k norm + RoPE", layers_n, bytes=qk_bytes, inputs={"t": qkv_out},
-        reference=lambda i: both(i["t"].float(), lambda a, w, e, c, s: layers.qk_norm_rope(a, w.float(), e, c.float(), s.float())),
+        reference=lambda i: both(i["t"].float(), lambda a, w, e, c, s: EAGER.qk_norm_rope(a, w.float(), e, c.float(), s.float())),
         variants={"current": lambda: lambda i: both(i["t"], qk_norm_rope), "compiled_joint": joint}))
 
     for branch, ctx in zip(("cond", "cfg_text", "cfg_img"), edit_contexts):

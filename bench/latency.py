@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -24,10 +25,11 @@ from PIL import Image
 from bagel_model.config import BagelConfig
 from bagel_model.cost import forward_flops
 from bagel_model.demo import demo_tokenizer, random_module
+from bagel_model.devices import default_dtype
 from bagel_model.fp8 import quantize_gen_mlp
-from bagel_model.layers import compile_elementwise
+from bagel_model.kernels import KernelChoice, Kernels, select_kernels
 from bagel_model.model import BagelStage
-from bagel_model.segments import Segment
+from bagel_model.segments import Segment, image_block_len
 from bagel_model.stage import full_model
 from bagel_model.vae import AutoEncoder
 from bagel_model.vit import VisionEncoder
@@ -80,13 +82,14 @@ class Timed:
         return getattr(self.inner, name)
 
 
-def build(checkpoint: str | None, device: str, graphs: bool | None) -> LocalExecutor:
+def build(checkpoint: str | None, device: str, graphs: bool | None, kernels: Kernels) -> LocalExecutor:
     """`graphs`: None is the executor's default (on for CUDA)."""
     if checkpoint:
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        return LocalExecutor.from_checkpoint(checkpoint, device=device, dtype=dtype, graphs=graphs)
+        return LocalExecutor.from_checkpoint(checkpoint, device=device, dtype=default_dtype(device), graphs=graphs,
+                                             kernels=kernels)
     config = BagelConfig()
-    stage = random_module(lambda: BagelStage(config, full_model(config.llm.num_hidden_layers)), device, torch.bfloat16, 0)
+    stage = random_module(lambda: BagelStage(config, full_model(config.llm.num_hidden_layers), kernels), device,
+                          torch.bfloat16, 0)
     vision = random_module(lambda: VisionEncoder(config), device, torch.bfloat16, 1)
     vae = random_module(lambda: AutoEncoder(config.vae), device, torch.float32, 2)
     return LocalExecutor(config, demo_tokenizer(), [stage], vision, vae, graphs=graphs)
@@ -138,9 +141,8 @@ def run_image(executor: Timed, items, params: ImageParams, repeats: int, warmup:
 
 
 def t2i_job(args) -> tuple[list, ImageParams]:
-    params = ImageParams(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), timestep_shift=3.0,
-                         num_timesteps=args.steps, cfg_renorm_type="global", height=args.size, width=args.size,
-                         cfg_refresh_interval=args.cfg_refresh_interval)
+    params = replace(ImageParams(), num_timesteps=args.steps, height=args.size, width=args.size,
+                     cfg_refresh_interval=args.cfg_refresh_interval)
     return [PROMPT], params
 
 
@@ -153,15 +155,16 @@ def edit_job(args) -> tuple[list, ImageParams]:
 
 def denoise_shapes(config: BagelConfig, tokenizer, task: str, size: int) -> tuple[int, list[int]]:
     """The shapes of this benchmark's denoising forwards for `task` ("t2i" or "edit") at
-    size x size: the tokens of one branch's noise block (latents + 2 markers) and the cached
+    size x size: the tokens of one branch's noise block (latents and markers) and the cached
     context length of each branch (COND, CFG_TEXT, and CFG_IMG for editing)."""
-    latent_tokens = (size // config.latent_downsample) ** 2 + 2
     if task == "t2i":
-        return latent_tokens, [len(tokenizer.encode(PROMPT)) + 2, 0]
-    vw, vh = config.vit_transform.target_size(size, size)
-    image = latent_tokens + (vw // config.vit.patch_size) * (vh // config.vit.patch_size) + 2  # VAE + ViT tokens
-    prompt = len(tokenizer.encode(EDIT_INSTRUCTION)) + 2
-    return latent_tokens, [image + prompt, image, prompt]
+        latent = image_block_len(math.prod(config.latent_grid(size, size)))
+        return latent, [len(tokenizer.text_block(tokenizer.encode(PROMPT))), 0]
+    (w, h), (vw, vh) = config.input_image_sizes(size, size)  # the edit's input image, resized
+    latent = image_block_len(math.prod(config.latent_grid(h, w)))
+    image = latent + image_block_len(math.prod(config.vit_grid(vh, vw)))  # VAE + ViT blocks
+    prompt = len(tokenizer.text_block(tokenizer.encode(EDIT_INSTRUCTION)))
+    return latent, [image + prompt, image, prompt]
 
 
 def bench_t2i(executor, args, exact=None) -> dict:
@@ -238,10 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     add_kernel_args(p)
     args = p.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
-    if args.compile:
-        compile_elementwise()
     t = time.perf_counter()
-    executor = Timed(build(args.checkpoint, args.device, graphs=False if args.no_graphs else None))
+    plain = select_kernels(args.device, KernelChoice(compile=args.compile))  # the exact run's kernels
+    executor = Timed(build(args.checkpoint, args.device, False if args.no_graphs else None, plain))
     exact = {}
     other_kernels = (args.attention, args.mlp) != ("sdpa", "cublas")
     if args.fp8 or args.cfg_refresh_interval > 1 or other_kernels:  # exact outputs first (noise seed 0)
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             items, params = jobs[task](args)
             exact[task] = generate_image(executor, items, replace(params, cfg_refresh_interval=1),
                                          noise=NoiseSource(0))
-    kernels = apply_kernel_args(args, executor.inner.stages)  # then the chosen kernels
+    kernels = apply_kernel_args(args, executor.inner.stages, args.compile)  # then the chosen kernels
     if args.fp8:  # and quantise the same weights
         for stage in executor.inner.stages:
             quantize_gen_mlp(stage)

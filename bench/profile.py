@@ -27,14 +27,14 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from bagel_model.config import BagelConfig
-from bagel_model.cost import forward_flops
-from bagel_model.demo import random_module
-from bagel_model.layers import compile_elementwise
+from bagel_model.cost import forward_flops, gemm_shapes
+from bagel_model.demo import demo_tokenizer, random_module
+from bagel_model.kernels import select_kernels
 from bagel_model.model import BagelStage
 from bagel_model.runner import StageRunner
-from bagel_model.segments import Segment
+from bagel_model.segments import Segment, image_block_len
 from bagel_model.stage import full_model
-from bench.kernel_args import add_kernel_args, apply_kernel_args
+from bench.kernel_args import add_kernel_args, kernel_choice
 from bench.provenance import commit, write_report
 
 PROMPT_TOKENS = 20
@@ -68,13 +68,11 @@ def timed(fn, repeats: int) -> float:
 def kernel_floor(config: BagelConfig, branches: int, query: int, context: int) -> dict:
     """Milliseconds of one forward's GEMMs and attention calls, each timed alone."""
     llm = config.llm
-    d, hd, inter = llm.hidden_size, llm.head_dim, llm.intermediate_size
-    hq, hkv = llm.num_attention_heads, llm.num_key_value_heads
+    d, hd, hq, hkv = llm.hidden_size, llm.head_dim, llm.num_attention_heads, llm.num_key_value_heads
     m = branches * query
     x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
-    shapes = {"qkv": (d, (hq + 2 * hkv) * hd), "o_proj": (hq * hd, d), "gate_up": (d, 2 * inter), "down": (inter, d)}
     gemm = {}
-    for name, (k, n) in shapes.items():
+    for name, (k, n) in gemm_shapes(llm).items():
         a = x if k == d else torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
         gemm[name] = timed(lambda: F.linear(a, w), 20) * llm.num_hidden_layers
@@ -129,18 +127,17 @@ def main() -> None:
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (decode steps, denoising forwards)")
     add_kernel_args(p)
     args = p.parse_args()
-    if args.compile:
-        compile_elementwise()
     config = BagelConfig()
-    stage = random_module(lambda: BagelStage(config, full_model(config.llm.num_hidden_layers)), "cuda", torch.bfloat16, 0)
-    kernels = apply_kernel_args(args, [stage])[0]
-    runner = StageRunner(stage, (151652, 151653), graphs=not args.no_graphs)
+    chosen = select_kernels("cuda", kernel_choice(args, args.compile))
+    stage = random_module(lambda: BagelStage(config, full_model(config.llm.num_hidden_layers), chosen), "cuda",
+                          torch.bfloat16, 0)
+    runner = StageRunner(stage, demo_tokenizer().image_markers, graphs=not args.no_graphs)
     g = torch.Generator("cpu").manual_seed(0)
     runner.run([Segment.text("cond", torch.randint(0, 150000, (PROMPT_TOKENS,), generator=g), 0)])
-    side = args.size // config.latent_downsample
-    x = torch.randn(side * side, config.patch_latent_dim, generator=g).cuda()
-    segments = [Segment.noise("cond", x, (side, side), 0.9, PROMPT_TOKENS), Segment.noise("cfg_text", x, (side, side), 0.9, 0)]
-    query = side * side + 2
+    grid = config.latent_grid(args.size, args.size)
+    x = torch.randn(grid[0] * grid[1], config.patch_latent_dim, generator=g).cuda()
+    segments = [Segment.noise("cond", x, grid, 0.9, PROMPT_TOKENS), Segment.noise("cfg_text", x, grid, 0.9, 0)]
+    query = image_block_len(grid[0] * grid[1])
 
     def forward():
         runner.run(segments)
@@ -174,7 +171,7 @@ def main() -> None:
         "benchmark": "profile_denoise", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "commit": commit(), "weights": "random bf16 (full-size BAGEL-7B-MoT architecture)",
         "settings": {"size": args.size, "branches": 2, "prompt_tokens": PROMPT_TOKENS, "compile": args.compile,
-                     "graphs": not args.no_graphs, "kernels": kernels},
+                     "graphs": not args.no_graphs, "kernels": vars(chosen.choice)},
         "forward_ms": ms, "tflops": flops / ms / 1e9, "gpu_busy_ms": busy, "gpu_idle_ms": ms - busy,
         "host_enqueue_ms": host_ms, "back_to_back_forward_ms": pipelined_ms,
         "decode": decode_profile(runner),

@@ -47,7 +47,7 @@ from bagel_model.demo import demo_tokenizer, init_random_weights, random_module,
 from bagel_model.df11 import Df11Tensor, decode
 from bagel_model.errors import InvalidRequest
 from bagel_model.fp8 import quantize_gen_mlp
-from bagel_model.layers import compile_elementwise
+from bagel_model.kernels import KernelChoice, select_kernels
 from bagel_model.loader import load_vae, load_vision_encoder
 from bagel_model.memory_plan import GiB, Workload, plan_memory
 from bagel_model.model import BagelStage
@@ -101,8 +101,7 @@ class QuantBench:
         if unknown:
             raise SystemExit(f"unknown formats {sorted(unknown)}; choose from {MODES}")
         torch.backends.cuda.matmul.allow_tf32 = False
-        if self.cuda and not args.no_compile:
-            compile_elementwise()
+        self.kernels = select_kernels(self.device, KernelChoice(compile=self.cuda and not args.no_compile))
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.context_bytes = _cuda_context_bytes(self.device) if self.cuda else 0
         if args.checkpoint:
@@ -274,7 +273,7 @@ class QuantBench:
     def fp8_kernels(self) -> None:
         """The generation expert's MLP in FP8 two ways, on the same bf16 weights, uncapped:
         hand-written (`torch._scaled_mm`) and torchao's float8 rowwise."""
-        for name, convert in (("fp8 gen-MLP, hand-written", lambda s: quantize_gen_mlp(s, compiled=self.cuda)),
+        for name, convert in (("fp8 gen-MLP, hand-written", lambda s: quantize_gen_mlp(s, compiled=self.kernels.choice.compile)),
                               ("fp8 gen-MLP, torchao", _torchao_gen_mlp)):
             if self.over_budget(name):
                 return
@@ -318,9 +317,11 @@ class QuantBench:
         if self.args.checkpoint:
             from bagel_model.loader import load_stage
 
-            return load_stage(self.args.checkpoint, self.config, device=self.device, dtype=self.dtype, quantize=fmt)
-        return random_quantized(lambda: BagelStage(self.config, full_model(self.config.llm.num_hidden_layers)),
-                                self.device, self.dtype, STAGE_SEED, fmt)
+            return load_stage(self.args.checkpoint, self.config, device=self.device, dtype=self.dtype, quantize=fmt,
+                              kernels=self.kernels)
+        spec = full_model(self.config.llm.num_hidden_layers)
+        return random_quantized(lambda: BagelStage(self.config, spec, self.kernels), self.device, self.dtype,
+                                STAGE_SEED, fmt)
 
     def executor(self, stage: BagelStage) -> LocalExecutor:
         return LocalExecutor(self.config, self.tokenizer, [stage], self.vision, self.vae)

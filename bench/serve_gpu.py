@@ -44,15 +44,17 @@ def main() -> None:
     from bagel_model.config import BagelConfig
     from bagel_model.demo import demo_tokenizer, write_config_folder
     from cluster.app import build_app
+    from cluster.args import gpu_shares
+    from pipelines.params import ImageParams
 
     total = torch.cuda.get_device_properties(0).total_memory
     fraction = args.stage_memory_gib * 2**30 / total
     folder = write_config_folder(Path(tempfile.mkdtemp()) / "bagel-7b-config", BagelConfig(), demo_tokenizer())
-    share = int(80 / args.stages) / 100  # the stages share 80% of the GPU; encoder and decoder 10% each
+    stage_share, encoder_share, decoder_share = gpu_shares(args.stages, 1)
     fraction = None if args.stages == 1 else fraction  # one stage: the whole model, no cap
     app_args = {"checkpoint_dir": str(folder), "random_weights": True, "num_stages": args.stages,
-                "device": "cuda", "dtype": "bfloat16", "gpus_per_stage": share, "encoder_gpus": 0.1,
-                "decoder_gpus": 0.1, "stage_memory_fraction": fraction}
+                "device": "cuda", "dtype": "bfloat16", "gpus_per_stage": stage_share, "encoder_gpus": encoder_share,
+                "decoder_gpus": decoder_share, "stage_memory_fraction": fraction}
     t0 = time.perf_counter()
     repo = str(Path(__file__).resolve().parent.parent)
     ray.init(address="local", include_dashboard=False, num_gpus=1,
@@ -63,8 +65,7 @@ def main() -> None:
     client = httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=600)
     health = client.get("/health").json()
     body = {"prompt": "A red fox sitting in a snowy forest at sunset.", "size": f"{args.size}x{args.size}",
-            "num_timesteps": args.steps, "cfg_text_scale": 4.0, "cfg_img_scale": 1.0,
-            "cfg_interval": [0.4, 1.0], "timestep_shift": 3.0, "cfg_renorm_type": "global", "seed": 0}
+            "num_timesteps": args.steps, "seed": 0}  # the other sampler knobs: text-to-image defaults
     runs, busy = [], []
     for _ in range(args.requests):  # the first request also warms up kernels
         before = client.get("/health").json()["stages"]
@@ -79,7 +80,8 @@ def main() -> None:
     report = {
         "benchmark": "serve_gpu_t2i", "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
         "ray": ray.__version__, "python": platform.python_version(), "commit": commit(),
-        "settings": {**body, **{k: v for k, v in app_args.items() if k != "checkpoint_dir"},
+        "settings": {**vars(ImageParams(num_timesteps=args.steps)), **body,
+                     **{k: v for k, v in app_args.items() if k != "checkpoint_dir"},
                      "architecture": "BAGEL-7B-MoT (random bf16 weights)", "stage_memory_gib": args.stage_memory_gib},
         "startup_s": startup_s, "request_s": runs, "image_size": list(image.size),
         "stage_busy_s": busy,  # per request: the busiest stage's compute time (the rest is overhead)

@@ -8,9 +8,12 @@ never fit is refused with `InvalidRequest`.
 from __future__ import annotations
 
 import asyncio
+import math
 
 from bagel_model.config import BagelConfig
+from bagel_model.cost import kv_bytes_per_token
 from bagel_model.errors import InvalidRequest
+from bagel_model.segments import image_block_len
 from bagel_model.tokenizer import BagelTokenizer
 from PIL import Image
 
@@ -56,22 +59,20 @@ def kv_bytes_estimate(task: ImageTask | TextTask, config: BagelConfig, tokenizer
     """Upper estimate of the KV bytes one stage holds for this request at once."""
     text_tokens, image_tokens = 0, 0
     if isinstance(task, ImageTask) and task.negative_prompt:
-        text_tokens += len(tokenizer.encode(task.negative_prompt)) + 2
+        text_tokens += len(tokenizer.text_block(tokenizer.encode(task.negative_prompt)))
     for item in task.items:
         if isinstance(item, str):
-            text_tokens += len(tokenizer.encode(item)) + 2
+            text_tokens += len(tokenizer.text_block(tokenizer.encode(item)))
         else:
             size = item.size if isinstance(item, Image.Image) else (config.max_image_side,) * 2
-            w, h = config.vae_transform.target_size(*size)
-            vw, vh = config.vit_transform.target_size(w, h)
-            image_tokens += (w // config.latent_downsample) * (h // config.latent_downsample) + 2
-            image_tokens += (vw // config.vit.patch_size) * (vh // config.vit.patch_size) + 2
+            (w, h), (vw, vh) = config.input_image_sizes(*size)
+            image_tokens += image_block_len(math.prod(config.latent_grid(h, w)))
+            image_tokens += image_block_len(math.prod(config.vit_grid(vh, vw)))
     if text_tokens > max_prompt_tokens:
         raise InvalidRequest(f"the prompt has {text_tokens} tokens; at most {max_prompt_tokens} are accepted")
     new_tokens = task.params.max_new_tokens if isinstance(task, TextTask) else (
         task.text_params.max_new_tokens if task.think else 0)
     context = text_tokens + image_tokens + new_tokens + 200  # + a think system prompt
-    per_token = 2 * config.llm.num_key_value_heads * config.llm.head_dim * dtype_bytes * layers_per_stage
     # The conditional context, a fork that keeps its old tensors (cfg_text or the decode copy),
     # and the text-only cfg_img context.
-    return per_token * (2 * context + text_tokens)
+    return kv_bytes_per_token(config.llm, dtype_bytes, layers_per_stage) * (2 * context + text_tokens)

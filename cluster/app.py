@@ -10,7 +10,7 @@ from ray.serve import Application
 
 from .args import AppArgs, with_gpu_shares
 from .decoder import Decoder
-from .devices import resolve_dtype
+from .devices import placed_device, resolve_dtype
 from .encoder import Encoder
 from .orchestrator import Orchestrator
 from .plan import with_plan
@@ -22,8 +22,7 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
     a, _ = with_plan(a, gpus)
     a = with_gpu_shares(a, gpus)
     checkpoint = a.checkpoint_dir
-    enc_device = a.device if a.device != "auto" else ("cuda" if a.encoder_gpus > 0 else "cpu")
-    dec_device = a.device if a.device != "auto" else ("cuda" if a.decoder_gpus > 0 else "cpu")
+    enc_device, dec_device = placed_device(a.device, a.encoder_gpus), placed_device(a.device, a.decoder_gpus)
     encoder = Encoder.options(ray_actor_options={"num_cpus": 0, "num_gpus": a.encoder_gpus}).bind(
         checkpoint, enc_device, resolve_dtype(a.dtype, enc_device), a.random_weights,
         a.quantize if a.quantize_vit else None)

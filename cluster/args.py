@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from bagel_model.quantize import is_approximate
+from bagel_model.quantize import MODES, is_approximate
 
 
 class Limits(BaseModel):
@@ -61,7 +61,7 @@ class AppArgs(BaseModel):
                                  "(null: on when the stages use CUDA)")
     fp8: bool = Field(False, description="APPROXIMATE: FP8 GEMMs for the generation expert's MLP (GPUs with FP8 "
                       "tensor cores); faster denoising, outputs differ from the exact model (README, Measured)")
-    quantize: Literal["df11", "fp8", "int8", "nf4", "auto"] | None = Field(
+    quantize: Literal[(*MODES, "auto")] | None = Field(
         None, description="weight format of the LLM's linear layers: null (exact bf16), df11 (lossless, ~70% of "
         "the size), int8, nf4, fp8 (APPROXIMATE); auto: the memory planner's choice (bagel plan)")
     quantize_vit: bool = Field(False, description="the ViT's linear layers in the same format (encoder)")

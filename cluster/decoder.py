@@ -13,16 +13,21 @@ from bagel_model.vae import AutoEncoder
 from .devices import resolve_device
 
 
+def vae_of(checkpoint_dir: str, config: BagelConfig, device: torch.device, random_weights: bool) -> AutoEncoder:
+    """The VAE (float32) the encoder and the decoder both hold: the checkpoint's, or random
+    weights that are the same in both."""
+    if random_weights:
+        return random_module(lambda: AutoEncoder(config.vae), device, torch.float32, seed=101)
+    return load_vae(checkpoint_dir, config, device=device, dtype=torch.float32)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Decoder:
     def __init__(self, checkpoint_dir: str | None, device: str, random_weights: bool = False):
         self.device = resolve_device(device)
         checkpoint_dir = checkpoint_or_demo(checkpoint_dir)
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
-        if random_weights:
-            self.vae = random_module(lambda: AutoEncoder(config.vae), self.device, torch.float32, seed=101)
-        else:
-            self.vae = load_vae(checkpoint_dir, config, device=self.device, dtype=torch.float32)
+        self.vae = vae_of(checkpoint_dir, config, self.device, random_weights)
 
     @torch.inference_mode()
     def decode(self, latent: Tensor) -> Tensor:

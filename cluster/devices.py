@@ -1,22 +1,29 @@
-"""Device and dtype names from configuration."""
+"""Device and dtype names from configuration: where each component runs ("auto" dtypes follow
+bagel_model/devices.py)."""
 from __future__ import annotations
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from bagel_model.devices import default_dtype
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def placed_device(device: str, gpu_share: float) -> str:
+    """The device of a component with this GPU share: 'auto' -> 'cuda' with a share, else 'cpu'."""
+    if device != "auto":
+        return device
+    return "cuda" if gpu_share > 0 else "cpu"
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> the GPU Ray gave this process if any, else CPU; 'cuda' -> that GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """In the component's process, for a device `placed_device` gave: 'cuda' -> the GPU Ray gave it."""
     if device == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """'auto' -> bfloat16 on GPU, float32 on CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
-    return DTYPES[dtype]
+    """'auto' -> the default dtype of `device` ('cpu' or 'cuda', as `placed_device` gives;
+    decided without touching CUDA, so any process may ask)."""
+    return default_dtype(device) if dtype == "auto" else DTYPES[dtype]

@@ -7,11 +7,11 @@ from ray import serve
 from torch import Tensor
 
 from bagel_model.config import BagelConfig
-from bagel_model.demo import checkpoint_or_demo, random_module, random_quantized
-from bagel_model.loader import load_vae, load_vision_encoder
-from bagel_model.vae import AutoEncoder
+from bagel_model.demo import checkpoint_or_demo, random_quantized
+from bagel_model.loader import load_vision_encoder
 from bagel_model.vit import VisionEncoder
 
+from .decoder import vae_of
 from .devices import resolve_device
 
 
@@ -25,11 +25,10 @@ class Encoder:
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         if random_weights:
             self.vision = random_quantized(lambda: VisionEncoder(config), self.device, dtype, 100, quantize)
-            self.vae = random_module(lambda: AutoEncoder(config.vae), self.device, torch.float32, seed=101)
         else:
             self.vision = load_vision_encoder(checkpoint_dir, config, device=self.device, dtype=dtype,
                                               quantize=quantize)
-            self.vae = load_vae(checkpoint_dir, config, device=self.device, dtype=torch.float32)
+        self.vae = vae_of(checkpoint_dir, config, self.device, random_weights)
 
     def encode_vit(self, images: list[Tensor]) -> list[Tensor]:
         return [e.cpu() for e in self.vision.embed_images(images)]

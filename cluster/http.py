@@ -30,6 +30,7 @@ from .api import ImageTask
 from .errors import RetryLater, Unauthorized, status_of
 from .forms import edit_request
 from .jobs import Job, cancel_all
+from .knobs import web_knobs
 from .normalize import parse, problems_error, validation_problems
 from .protocol import ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest, ResponseOptions
 from .responses import (ChatCompletion, ErrorResponse, ImagesResponse, ModelCard, ModelList,
@@ -80,6 +81,12 @@ API = {"dependencies": [Depends(authorize)],
 @router.get("/", include_in_schema=False)
 async def ui_root(request: Request) -> RedirectResponse:
     return RedirectResponse(request.scope.get("root_path", "") + "/ui/")
+
+
+@router.get("/knobs", include_in_schema=False)
+async def knobs() -> dict:
+    """The web UI's knobs and per-task defaults (cluster/knobs.py)."""
+    return web_knobs()
 
 
 @router.get("/health")

@@ -8,43 +8,36 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from bagel_model.errors import InvalidRequest
 from bagel_model.transforms import open_image
-from pipelines.params import EDIT_DEFAULTS, ImageParams, TextParams
+from pipelines.params import CHAT_DEFAULTS, EDIT_DEFAULTS, ImageParams, TextParams, image_knobs
 
 from .api import ImageTask, TextTask
 from .args import Limits
-
-DEFAULT_THINK_TOKENS = 1000  # the official notebook's max_think_token_n
-DEFAULT_ANSWER_TOKENS = 512  # the official app's understanding limit
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ImageKnobs(_Strict):
+# A field per sampler knob (pipelines/params.py), unset by default.
+_SamplerKnobs = create_model("_SamplerKnobs", __base__=_Strict, **{
+    k.name: (k.type | None, Field(None, description=k.help)) for k in image_knobs()})
+
+
+class ImageKnobs(_SamplerKnobs):
     """BAGEL's image knobs (official names); unset fields take the task's defaults."""
 
-    cfg_text_scale: float | None = Field(None, description="text guidance scale (1 = off)")
-    cfg_img_scale: float | None = Field(None, description="image guidance scale (1 = off)")
-    cfg_interval: tuple[float, float] | None = Field(None, description="guidance only for start < t <= end")
-    timestep_shift: float | None = Field(None, description="shift of the time schedule towards noise")
-    num_timesteps: int | None = Field(None, description="schedule points (model evaluations + 1)")
-    cfg_renorm_min: float | None = Field(None, description="lower clamp of the renorm factor (1 = no renorm)")
-    cfg_renorm_type: Literal["global", "channel", "text_channel"] | None = None
-    cfg_refresh_interval: int | None = Field(
-        None, description="APPROXIMATE when > 1 (faster): the guidance branches run every k-th guided step only")
     negative_prompt: str | None = Field(None, description="the text-free guidance branch's context: what to steer "
                                         "away from (empty: BAGEL's default, no text)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     think: bool = Field(False, description="plan in text first (the thought is returned with the image)")
-    max_think_tokens: int | None = Field(None, ge=1, description="longest thought")
+    max_think_tokens: int | None = Field(None, ge=1, description=f"longest thought in generated tokens "
+                                         f"(default {TextParams().max_new_tokens})")
 
     def image_params(self, base: ImageParams, limits: Limits, size: str | None) -> ImageParams:
         overrides = {k: v for k, v in self.model_dump(include=set(ImageParams.__dataclass_fields__)).items()
@@ -63,11 +56,13 @@ class ImageKnobs(_Strict):
     def thought_params(self, limits: Limits, do_sample: bool, temperature: float | None,
                        max_tokens: int | None = None) -> TextParams:
         """How the thought is decoded (think mode): greedy unless sampled, at most
-        max_think_tokens (else `max_tokens`, else 1000) tokens."""
-        n = self.max_think_tokens or max_tokens or DEFAULT_THINK_TOKENS
+        max_think_tokens (else `max_tokens`, else TextParams' default) tokens."""
+        base = TextParams()
+        n = self.max_think_tokens or max_tokens or base.max_new_tokens
         if n > limits.max_new_tokens:
             raise InvalidRequest(f"max_think_tokens must be at most {limits.max_new_tokens}", param="max_think_tokens")
-        return TextParams(max_new_tokens=n, do_sample=do_sample, temperature=0.3 if temperature is None else temperature)
+        return replace(base, max_new_tokens=n, do_sample=do_sample,
+                       temperature=base.temperature if temperature is None else temperature)
 
 
 @dataclass(frozen=True)
@@ -87,7 +82,8 @@ class ImageResponseFields(ImageKnobs):
 
     prompt: str = Field(min_length=1)
     do_sample: bool | None = Field(None, description="sample the thought (default: greedy)")
-    text_temperature: float | None = Field(None, ge=0, description="temperature of a sampled thought (default 0.3)")
+    text_temperature: float | None = Field(None, ge=0, description=f"temperature of a sampled thought "
+                                           f"(default {TextParams().temperature})")
     stream: bool = Field(False, description="server-sent events: progress per step, then the image")
     model: str | None = None
     n: int = Field(1, ge=1, description="images; up to the service's limits.max_n")
@@ -211,12 +207,13 @@ class ChatCompletionRequest(ImageKnobs):
             base = EDIT_DEFAULTS if any(not isinstance(i, str) for i in items) else ImageParams()
             thought = self.thought_params(limits, sample, self.temperature, max_new)
             return self.image_task(items, base, limits, self.size, thought), self.n
-        max_new = max_new or self.max_think_tokens or DEFAULT_ANSWER_TOKENS
+        max_new = max_new or self.max_think_tokens or CHAT_DEFAULTS.max_new_tokens
         if max_new > limits.max_new_tokens:
             raise InvalidRequest(f"max_tokens must be at most {limits.max_new_tokens}", param="max_tokens")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        params = TextParams(max_new_tokens=max_new, do_sample=sample, temperature=self.temperature or 0.3,
-                            top_p=self.top_p or 1.0, stop=stop)
+        params = replace(CHAT_DEFAULTS, max_new_tokens=max_new, do_sample=sample,
+                         temperature=self.temperature or CHAT_DEFAULTS.temperature,
+                         top_p=self.top_p or CHAT_DEFAULTS.top_p, stop=stop)
         return TextTask(items, params, self.think, self.seed), self.n
 
     def _items(self, limits: Limits) -> list:

@@ -24,10 +24,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from bagel_model import layers
 from bagel_model.config import BagelConfig
 from bagel_model.demo import random_quantized
 from bagel_model.fp8 import quantize_gen_mlp
+from bagel_model.kernels import KernelChoice, select_kernels
 from bagel_model.loader import load_stage
 from bagel_model.model import BagelStage
 from bagel_model.runner import StageRunner
@@ -48,18 +48,18 @@ class StageWorker:
         self.device = resolve_device(device)
         if self.device.type == "cuda" and memory_fraction:
             torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
-        compiled = bool(compile or (compile is None and self.device.type == "cuda"))
-        if compiled:
-            layers.compile_elementwise()
+        kernels = select_kernels(self.device, KernelChoice(compile=compile))
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         tokenizer = BagelTokenizer.from_dir(checkpoint_dir)
         if random_weights:
-            model = random_quantized(lambda: BagelStage(config, spec), self.device, dtype, spec.index, quantize)
+            model = random_quantized(lambda: BagelStage(config, spec, kernels), self.device, dtype, spec.index,
+                                     quantize)
         else:
-            model = load_stage(checkpoint_dir, config, spec, device=self.device, dtype=dtype, quantize=quantize)
+            model = load_stage(checkpoint_dir, config, spec, device=self.device, dtype=dtype, quantize=quantize,
+                               kernels=kernels)
         if fp8:
-            quantize_gen_mlp(model, compiled)
-        self.runner = StageRunner(model, (tokenizer.vision_start_id, tokenizer.vision_end_id))
+            quantize_gen_mlp(model, kernels.choice.compile)
+        self.runner = StageRunner(model, tokenizer.image_markers)
         self.transport: Transport | None = None
         self.samplers = SamplerStates(self.device)  # last stage: the images being denoised
         self.busy_s = 0.0  # time spent computing micro-batches (not waiting for the previous stage)

@@ -73,9 +73,3 @@ class Transport:
         for work, _ in self._pending:
             work.wait()
         self._pending.clear()
-
-    def close(self) -> None:
-        self._drain()
-        self._kept.clear()
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -65,8 +65,7 @@ class Session:
 
     def append_text(self, contexts: list[Context], token_ids: list[int]) -> None:
         """Append the block <|im_start|> ids <|im_end|> to each context, in one executor call."""
-        tok = self.executor.tokenizer
-        ids = [tok.bos_id, *token_ids, tok.eos_id]
+        ids = self.executor.tokenizer.text_block(token_ids)
         self.executor.prefill([Segment.text(c.context_id, ids, c.rope_pos) for c in contexts])
         for c in contexts:
             c.kv_len += len(ids)
@@ -74,17 +73,16 @@ class Session:
             c.history += (("text", tuple(ids)),)
 
     def append_vit(self, context: Context, embeds: Tensor, key: object) -> None:
-        """Append a ViT image block (one RoPE position for all its tokens)."""
-        self.executor.prefill([Segment.vit(context.context_id, embeds, context.rope_pos)])
-        self._advance_image(context, embeds.shape[0], ("vit", key))
+        """Append a ViT image block."""
+        self._append_image(context, Segment.vit(context.context_id, embeds, context.rope_pos), ("vit", key))
 
     def append_vae(self, context: Context, latents: Tensor, grid: tuple[int, int], key: object) -> None:
         """Append a clean VAE image block (generation expert, t = 0)."""
-        self.executor.prefill([Segment.vae(context.context_id, latents, grid, context.rope_pos)])
-        self._advance_image(context, latents.shape[0], ("vae", key))
+        self._append_image(context, Segment.vae(context.context_id, latents, grid, context.rope_pos), ("vae", key))
 
-    @staticmethod
-    def _advance_image(context: Context, num_tokens: int, entry: tuple) -> None:
-        context.kv_len += num_tokens + 2
+    def _append_image(self, context: Context, block: Segment, entry: tuple) -> None:
+        """All tokens of an image block share one RoPE position."""
+        self.executor.prefill([block])
+        context.kv_len += block.num_tokens
         context.rope_pos += 1
         context.history += (entry,)

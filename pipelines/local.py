@@ -9,6 +9,7 @@ from torch import Tensor
 
 from bagel_model.config import BagelConfig
 from bagel_model.fp8 import quantize_gen_mlp
+from bagel_model.kernels import EAGER, Kernels
 from bagel_model.kv_cache import KVCache
 from bagel_model.loader import load_stage, load_vae, load_vision_encoder
 from bagel_model.model import BagelStage
@@ -31,8 +32,8 @@ class LocalExecutor:
         `graphs`: CUDA graphs for decode steps and denoising forwards (default: on CUDA)."""
         self.config, self.tokenizer = config, tokenizer
         self.stages, self.vision, self.vae = stages, vision, vae
-        markers = (tokenizer.vision_start_id, tokenizer.vision_end_id)
-        self.runners = [StageRunner(s, markers, decode_slots=decode_slots, graphs=graphs) for s in stages]
+        self.runners = [StageRunner(s, tokenizer.image_markers, decode_slots=decode_slots, graphs=graphs)
+                        for s in stages]
         self.device = stages[-1].device
         self.samplers = SamplerStates(self.device)
 
@@ -45,14 +46,16 @@ class LocalExecutor:
                         device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
                         vae_dtype: torch.dtype = torch.float32, fp8: bool = False,
                         graphs: bool | None = None, quantize: str | None = None,
-                        quantize_vit: bool = False) -> LocalExecutor:
+                        quantize_vit: bool = False, kernels: Kernels = EAGER) -> LocalExecutor:
         """`fp8`: APPROXIMATE FP8 GEMMs in the generation expert's MLP (bagel_model/fp8.py);
         `graphs`: as in the constructor; `quantize`: the LLM layers' weight format, also the
-        ViT's with `quantize_vit` (bagel_model/quantize.py)."""
+        ViT's with `quantize_vit` (bagel_model/quantize.py); `kernels`: what the stages run
+        (bagel_model/kernels.py)."""
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         tokenizer = BagelTokenizer.from_dir(checkpoint_dir)
         specs = split_layers(config.llm.num_hidden_layers, num_stages)
-        stages = [load_stage(checkpoint_dir, config, s, device=device, dtype=dtype, quantize=quantize) for s in specs]
+        stages = [load_stage(checkpoint_dir, config, s, device=device, dtype=dtype, quantize=quantize,
+                             kernels=kernels) for s in specs]
         if fp8:
             stages = [quantize_gen_mlp(s) for s in stages]
         vision = load_vision_encoder(checkpoint_dir, config, device=device, dtype=dtype,

@@ -5,10 +5,17 @@ posterior noise, then the initial latent noise), so every executor sees the same
 """
 from __future__ import annotations
 
+import secrets
+
 import torch
 from torch import Tensor
 
 from bagel_model.errors import InvalidRequest
+
+
+def random_seed() -> int:
+    """A seed for a request that names none; callers report it, so the output can be made again."""
+    return secrets.randbelow(2**31)
 
 
 class NoiseSource:

@@ -1,33 +1,50 @@
-"""Inference parameters, with the official BAGEL names and per-task defaults.
+"""Inference parameters, with the official BAGEL names and per-task defaults: the one home of
+both. The CLI's flags, the HTTP API's fields and the web UI's inputs are made from `image_knobs()`.
 
 Defaults follow the official notebook (text-to-image: cfg_img_scale 1.0; editing: cfg_img_scale
 2.0, cfg_interval [0, 1], text_channel renorm). `validate()` raises one `InvalidRequest` naming
-every field out of range, before any model work.
+every field out of range, before any model work. A new knob is one field with a help line (and
+its validation).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from numbers import Integral, Real
+from typing import Any, Literal, get_args, get_type_hints
 
 from bagel_model.errors import InvalidRequest
 
-RENORM_TYPES = ("global", "channel", "text_channel")
+RenormType = Literal["global", "channel", "text_channel"]
+RENORM_TYPES: tuple[str, ...] = get_args(RenormType)
+
+
+def _knob(default, help: str, metavar: str | tuple[str, ...] | None = None):
+    """A field every caller exposes (CLI flag, HTTP field, web UI input), with its help line."""
+    return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
 @dataclass(frozen=True)
 class ImageParams:
     """Flow-matching sampler and classifier-free guidance settings."""
 
-    cfg_text_scale: float = 4.0
-    cfg_img_scale: float = 1.0
-    cfg_interval: tuple[float, float] = (0.4, 1.0)
-    timestep_shift: float = 3.0
-    num_timesteps: int = 50
-    cfg_renorm_min: float = 0.0
-    cfg_renorm_type: str = "global"
-    # APPROXIMATE when > 1: the guidance branches (text-free, image-free) run only every k-th
-    # guided step; between, each is estimated as v_cond minus its last measured difference to it.
-    cfg_refresh_interval: int = 1
+    cfg_text_scale: float = _knob(4.0, "text guidance: how closely the image follows the prompt; 1 turns all "
+                                       "guidance off (image guidance too)", "S")
+    cfg_img_scale: float = _knob(1.0, "image guidance: how much of the input images the output keeps; 1 = off", "S")
+    cfg_interval: tuple[float, float] = _knob(
+        (0.4, 1.0), "guidance runs only while the timestep t (1 = noise, 0 = image) is in (START, END]",
+        ("START", "END"))
+    timestep_shift: float = _knob(3.0, "shifts the schedule toward the noisy end: higher spends more steps on "
+                                       "layout, lower on detail")
+    num_timesteps: int = _knob(50, "points of the denoising schedule (model evaluations + 1): more is slower "
+                                   "and finer")
+    cfg_renorm_min: float = _knob(0.0, "lower clamp of the guided velocity's renorm factor; 0 = full renorm, "
+                                       "1 = none")
+    cfg_renorm_type: RenormType = _knob(
+        "global", "renormalise the guided velocity over the whole image (global), per token (channel), or the "
+                  "text-guided part per token before image guidance (text_channel)")
+    cfg_refresh_interval: int = _knob(1, "APPROXIMATE when K > 1, and faster: the guidance branches (text-free, "
+                                         "image-free) run every K-th guided step only; in between each is v_cond "
+                                         "minus its last measured difference to it. 1 is exact", "K")
     height: int | None = None  # output size; None: the model's largest (1024 for BAGEL-7B-MoT)
     width: int | None = None  # must stay None when an input image fixes the output size
 
@@ -64,14 +81,33 @@ EDIT_DEFAULTS = ImageParams(cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_reno
 
 
 @dataclass(frozen=True)
+class Knob:
+    """One parameter as callers expose it."""
+
+    name: str
+    type: Any  # the field's type: float, int, a Literal of choices or a tuple
+    help: str
+    metavar: str | tuple[str, ...] | None
+
+
+def image_knobs() -> list[Knob]:
+    """The sampler knobs, in field order: the `ImageParams` fields with a help line (the output
+    size is not one: each caller sets it its own way)."""
+    hints = get_type_hints(ImageParams)
+    return [Knob(f.name, hints[f.name], f.metadata["help"], f.metadata["metavar"])
+            for f in fields(ImageParams) if "help" in f.metadata]
+
+
+@dataclass(frozen=True)
 class TextParams:
     """Text decoding: greedy by default, else temperature sampling, optionally from the
     smallest set of tokens whose probability reaches `top_p` (the official decoder has no
     top-p: 1.0). Generation also ends where the text first contains one of `stop` (the
     stop string is not part of the result).
 
-    `max_new_tokens` counts generated tokens; the official `max_think_token_n` is one more
-    (it counts the leading <|im_start|>)."""
+    `max_new_tokens` counts generated tokens. Its default, 999, is the official notebook's
+    `max_think_token_n` = 1000 (also its understanding default), which counts the leading
+    <|im_start|> too."""
 
     max_new_tokens: int = 999
     do_sample: bool = False
@@ -90,6 +126,10 @@ class TextParams:
              "stop", "must be non-empty strings"),
         ])
         return self
+
+
+# Chat (the HTTP API and web UI): the official app's understanding default of 512 new tokens.
+CHAT_DEFAULTS = TextParams(max_new_tokens=512)
 
 
 def with_overrides(params, overrides: dict):

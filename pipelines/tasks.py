@@ -89,7 +89,7 @@ def generate_image(executor: Executor, items: list[Item], params: ImageParams, *
         if think:
             thought = _generate(session, cond, text_params, noise.generator, on_text)
             session.append_text([cond], tok.encode(thought.text))
-        grid = (size[0] // cfg.latent_downsample, size[1] // cfg.latent_downsample)
+        grid = cfg.latent_grid(*size)
         x = noise.randn(grid[0] * grid[1], cfg.patch_latent_dim)
         contexts = {Branch.COND: cond, Branch.CFG_TEXT: cfg_text, Branch.CFG_IMG: cfg_img}
         x = sample_image(executor, contexts, grid, params, x, on_step)
@@ -143,16 +143,15 @@ def _append_image(session: Session, context: Context, image: Image.Image, noise:
                   with_vae: bool) -> tuple[int, int]:
     """Append an input image (VAE block, then ViT block); returns its VAE-resized (H, W)."""
     executor, cfg = session.executor, session.executor.config
-    resized = cfg.vae_transform(to_rgb(image))
+    resized, vit_image = cfg.resize_input(to_rgb(image))
     width, height = resized.size
     key = id(image)
     if with_vae:
         z = cfg.vae.z_channels
         eps = noise.randn(1, z, height // cfg.vae.downsample, width // cfg.vae.downsample)
         latent = executor.encode_vae(to_tensor(resized)[None], eps)
-        grid = (height // cfg.latent_downsample, width // cfg.latent_downsample)
-        session.append_vae(context, patchify(latent, cfg.latent_patch_size), grid, key)
-    embeds = executor.encode_vit([to_tensor(cfg.vit_transform(resized))])[0]
+        session.append_vae(context, patchify(latent, cfg.latent_patch_size), cfg.latent_grid(height, width), key)
+    embeds = executor.encode_vit([to_tensor(vit_image)])[0]
     session.append_vit(context, embeds, key)
     return height, width
 

@@ -9,7 +9,7 @@ from pipelines.local import LocalExecutor
 
 class RecordingExecutor:
     """Delegates to a LocalExecutor; snapshots KV caches at the first decode / denoise call and
-    keeps the logits, ViT embeddings, VAE latents and decoder outputs it passes along."""
+    keeps the logits, ViT embeddings, VAE noise and latents and decoder outputs it passes along."""
 
     def __init__(self, inner: LocalExecutor):
         self.inner = inner
@@ -19,6 +19,7 @@ class RecordingExecutor:
         self.denoise_calls: list[list[Segment]] = []
         self.logits: list[Tensor] = []
         self.vit: list[Tensor] = []
+        self.vae_noise: list[Tensor] = []
         self.vae_latents: list[Tensor] = []
         self.decoded: list[Tensor] = []
 
@@ -63,6 +64,7 @@ class RecordingExecutor:
         return out
 
     def encode_vae(self, pixels, noise):
+        self.vae_noise.append(noise)
         out = self.inner.encode_vae(pixels, noise)
         self.vae_latents.append(out)
         return out

@@ -1,4 +1,8 @@
-"""Service configuration: GPU shares derived from the cluster."""
+"""Service configuration: GPU shares derived from the cluster; the config file's defaults."""
+from pathlib import Path
+
+import yaml
+
 from cluster.args import AppArgs, gpu_shares, with_gpu_shares
 
 
@@ -10,3 +14,13 @@ def test_gpu_shares_fit_the_cluster():
     assert gpu_shares(3, 4) == (1.0, 0.5, 0.5)
     args = with_gpu_shares(AppArgs(num_stages=3, encoder_gpus=0.3), 4)
     assert (args.gpus_per_stage, args.encoder_gpus, args.decoder_gpus) == (1.0, 0.3, 0.5)
+
+
+def test_ray_config_shows_the_defaults(monkeypatch):
+    """ray_config.yaml spells out AppArgs' defaults for the reader; they must stay the defaults."""
+    for var in ("BAGEL_CHECKPOINT", "BAGEL_NUM_STAGES", "BAGEL_DEVICE", "BAGEL_DTYPE", "BAGEL_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "ray_config.yaml").read_text())
+    listed = config["applications"][0]["args"]
+    assert len(listed) > 10 and len(listed["limits"]) > 5
+    assert AppArgs(**listed) == AppArgs()

@@ -43,7 +43,7 @@ def test_kernel_flags_fall_back_and_are_checked_against_the_exact_run(checkpoint
                          "--out", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "latency.json").read_text())
-    assert report["kernels_in_effect"] == [{"attention": "sdpa", "mlp": "cublas"}]
+    assert report["kernels_in_effect"] == [{"attention": "sdpa", "mlp": "cublas", "compile": False}]
     assert report["results"]["t2i"]["deviation_from_exact"]["latent_relative_l2"] == 0
 
 

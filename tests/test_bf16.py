@@ -14,17 +14,16 @@ is about 3x the measurement:
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
-from pipelines.params import ImageParams, TextParams
+from pipelines.params import TextParams
 from pipelines.tasks import generate_image, understand
 
+from .fixture_cases import image_params, items_of, text_params
 from .recording import RecordingExecutor
 
 LATENT_REL_TOL = {"t2i_global": 0.017, "edit_text_channel": 0.05}  # measured 5.6e-3, 1.56e-2
@@ -42,24 +41,6 @@ def bf16_executor(checkpoint_dir) -> LocalExecutor:
     return executor
 
 
-def items(case: dict, fixture: Path) -> list:
-    out = []
-    if case["inputs"].get("image"):
-        out.append(Image.open(fixture / case["inputs"]["image"]))
-    return out + [case["inputs"]["text"]]
-
-
-def image_params(p: dict) -> ImageParams:
-    size = p.get("image_shapes")
-    return ImageParams(
-        cfg_text_scale=p["cfg_text_scale"], cfg_img_scale=p["cfg_img_scale"],
-        cfg_interval=tuple(p["cfg_interval"]), timestep_shift=p["timestep_shift"],
-        num_timesteps=p["num_timesteps"], cfg_renorm_min=p["cfg_renorm_min"],
-        cfg_renorm_type=p["cfg_renorm_type"],
-        **(dict(height=size[0], width=size[1]) if size else {}),
-    )
-
-
 def draws(case: dict, reference: dict) -> list[torch.Tensor]:
     names = [f"{case['name']}/{n}" for n in ("vae_encode_noise", "init_noise")]
     return [reference[n] for n in names if n in reference]
@@ -71,7 +52,7 @@ def test_image_latent_close(name, cases, reference, fixture_dir, executor, bf16_
     params = image_params(case["params"])
     results = {}
     for label, ex in (("fp32", executor), ("bf16", bf16_executor)):
-        results[label] = generate_image(ex, items(case, fixture_dir), params,
+        results[label] = generate_image(ex, items_of(case, fixture_dir), params,
                                         noise=NoiseSource(tensors=draws(case, reference)))
         assert ex.live_contexts() == []
     fp32, bf16 = results["fp32"].latent, results["bf16"].latent
@@ -86,11 +67,11 @@ def test_image_latent_close(name, cases, reference, fixture_dir, executor, bf16_
 def test_understanding_close(name, cases, fixture_dir, executor, bf16_executor):
     case = cases[name]
     p = case["params"]
-    text_params = TextParams(max_new_tokens=p["max_think_token_n"] - 1)
+    params = TextParams(max_new_tokens=text_params(p).max_new_tokens)  # greedy
     runs = {}
     for label, ex in (("fp32", executor), ("bf16", bf16_executor)):
         rec = RecordingExecutor(ex)
-        result = understand(rec, items(case, fixture_dir), text_params)
+        result = understand(rec, items_of(case, fixture_dir), params)
         runs[label] = (result.token_ids, torch.stack([x.float().cpu() for x in rec.logits]))
         assert ex.live_contexts() == []
     (ids32, logits32), (ids16, logits16) = runs["fp32"], runs["bf16"]

@@ -11,10 +11,8 @@ import torch
 
 from bagel_model import attention, epilogue_gemm
 from bagel_model.demo import demo_config, init_random_weights
-from bagel_model.kernel_choice import KernelChoice, use_kernels
-from bagel_model.layers import SwiGLU
+from bagel_model.kernels import KernelChoice, Kernels, use_kernels
 from bagel_model.model import BagelStage
-from bagel_model.mot import MoTAttention
 from bagel_model.runner import StageRunner
 from bagel_model.segments import Segment
 from bagel_model.stage import full_model
@@ -28,9 +26,10 @@ def stage() -> BagelStage:
 
 
 def layer_kernels(stage: BagelStage) -> tuple[set, set]:
-    attends = {m.attend for m in stage.modules() if isinstance(m, MoTAttention)}
-    fused = {m.fused for m in stage.modules() if isinstance(m, SwiGLU)}
-    return attends, fused
+    """The attention and fused-MLP kernels the stage's modules hold."""
+    held = [m.kernels for m in stage.modules() if isinstance(getattr(m, "kernels", None), Kernels)]
+    assert len(held) > 10
+    return {k.attend for k in held}, {k.mlp for k in held}
 
 
 def forward(stage: BagelStage) -> torch.Tensor:
@@ -51,7 +50,7 @@ def test_missing_packages_keep_the_default_kernels(stage, caplog):
     """On this CPU machine FA4 and quack cannot run: asking for them changes nothing, and says so."""
     with caplog.at_level(logging.WARNING):
         active = use_kernels(stage, KernelChoice(attention="fa4", mlp="quack"))
-    assert active == KernelChoice("sdpa", "cublas")
+    assert active == KernelChoice("sdpa", "cublas", compile=False)
     assert layer_kernels(stage) == ({attention.attend}, {None})
     assert "FlashAttention-4 needs a CUDA GPU" in caplog.text and "quack GEMMs needs a CUDA GPU" in caplog.text
 
@@ -69,7 +68,7 @@ def test_installed_kernels_go_into_every_layer_and_hand_back_what_they_cannot_ru
     expected = forward(stage)
     monkeypatch.setattr(attention, "fa4_unavailable", lambda device: None)
     monkeypatch.setattr(epilogue_gemm, "quack_unavailable", lambda device: None)
-    assert use_kernels(stage, KernelChoice(attention="fa4", mlp="quack")) == KernelChoice("fa4", "quack")
+    assert use_kernels(stage, KernelChoice(attention="fa4", mlp="quack")) == KernelChoice("fa4", "quack", compile=False)
     attends, fused = layer_kernels(stage)
     assert attends == {attention.flash_attend}
     assert len(fused) == 1 and isinstance(fused.pop(), epilogue_gemm.EpilogueSwiGLU)

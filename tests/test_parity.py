@@ -2,8 +2,10 @@
 
 Each case runs through the public pipelines (`generate_image` / `understand`) on the
 `LocalExecutor` in float32 on CPU, with the fixture's recorded random tensors injected, and every
-stored tensor is compared within the tolerances of the fixture README (tightened where noted).
-A case of an unknown kind or a stored tensor this test does not know fails.
+stored tensor is compared within the tolerances of the fixture README (tightened where noted),
+except the case's inputs (`INPUTS`: the recorded noise, the latent a VAE-decode case decodes),
+which are fed to the model and checked to arrive where they belong. A case of an unknown kind
+or a stored tensor this test does not know fails.
 """
 from __future__ import annotations
 
@@ -21,59 +23,44 @@ from bagel_model.segments import Segment
 from bagel_model.transforms import to_rgb, to_tensor, vit_patches
 from pipelines.guidance import Branch
 from pipelines.noise import NoiseSource
-from pipelines.params import ImageParams, TextParams
 from pipelines.schedule import timesteps
 from pipelines.tasks import generate_image, understand
 
 from .conftest import FIXTURE
+from .fixture_cases import image_params, items_of, text_params
 from .recording import RecordingExecutor
 
 VIT_TOL = dict(rtol=1e-4, atol=1e-4)
 DEEP_TOL = dict(rtol=5e-4, atol=5e-4)
 LOOP_TOL = dict(rtol=1e-3, atol=1e-3)
+# Stored tensors that are inputs of a case, not outputs: what each is fed to.
+INPUTS = {"vae_encode_noise": "the VAE posterior sample of the input image",
+          "init_noise": "the initial latent tokens", "latent": "the VAE decoder (vae_decode cases)"}
 CASE_NAMES = [c["name"] for c in json.loads((FIXTURE / "cases.json").read_text())["cases"]] \
     if (FIXTURE / "cases.json").is_file() else []
 
 
-def image_params(p: dict, size: list[int] | None) -> ImageParams:
-    kwargs = dict(
-        cfg_text_scale=p["cfg_text_scale"], cfg_img_scale=p["cfg_img_scale"],
-        cfg_interval=tuple(p["cfg_interval"]), timestep_shift=p["timestep_shift"],
-        num_timesteps=p["num_timesteps"], cfg_renorm_min=p["cfg_renorm_min"],
-        cfg_renorm_type=p["cfg_renorm_type"],
-    )
-    if size:
-        kwargs.update(height=size[0], width=size[1])
-    return ImageParams(**kwargs)
-
-
-def text_params(p: dict) -> TextParams:
-    # The official max_think_token_n counts the leading <|im_start|>.
-    return TextParams(max_new_tokens=p["max_think_token_n"] - 1, do_sample=p["do_sample"],
-                      temperature=p["text_temperature"])
-
-
-def items_of(case: dict, fixture: Path) -> list:
-    items = []
-    if case["inputs"].get("image"):
-        items.append(Image.open(fixture / case["inputs"]["image"]))
-    items.append(case["inputs"]["text"])
-    return items
-
-
 class Checker:
-    """Compares produced tensors with the case's stored ones and tracks what was compared."""
+    """Compares produced tensors with the case's stored ones and tracks what was compared and
+    what was used as an input."""
 
     def __init__(self, case: dict, reference: dict):
         self.case, self.reference, self.name = case, reference, case["name"]
         self.stored = {k.split("/", 1)[1] for k in case["tensors"]}  # names without the case prefix
         self.checked: set[str] = set()
+        self.inputs: set[str] = set()
 
     def expected(self, key: str) -> torch.Tensor:
         full = f"{self.name}/{key}"
         if full not in self.reference:
             pytest.fail(f"stored tensor {full} is missing from the reference file")
         return self.reference[full]
+
+    def input(self, key: str) -> torch.Tensor:
+        """A stored tensor the case feeds to the model (one of `INPUTS`), not an output to compare."""
+        assert key in INPUTS, f"{key} is not an input"
+        self.inputs.add(key)
+        return self.expected(key)
 
     def close(self, key: str, actual: torch.Tensor, tol: dict) -> None:
         expected = self.expected(key)
@@ -96,15 +83,15 @@ class Checker:
             self.close(f"{prefix}/layer{layer}/value", v[start:stop], DEEP_TOL)
 
     def all_checked(self) -> None:
-        unchecked = sorted(self.stored - self.checked)
-        assert not unchecked, f"stored tensors not compared: {unchecked}"
+        assert not self.checked & self.inputs, f"inputs compared as outputs: {self.checked & self.inputs}"
+        unchecked = sorted(self.stored - self.checked - self.inputs)
+        assert not unchecked, f"stored tensors neither compared nor used as inputs: {unchecked}"
 
 
 def check_image_inputs(check: Checker, case: dict, fixture: Path, rec: RecordingExecutor, with_vae: bool) -> None:
     """Resize, pixels, ViT / VAE encoder tensors of the case's input image."""
     cfg = rec.config
-    vae_img = cfg.vae_transform(to_rgb(Image.open(fixture / case["inputs"]["image"])))
-    vit_img = cfg.vit_transform(vae_img)
+    vae_img, vit_img = cfg.resize_input(to_rgb(Image.open(fixture / case["inputs"]["image"])))
     stored = check.stored
     if "vae_resized_uint8" in stored:
         check.equal("vae_resized_uint8", torch.from_numpy(np.asarray(vae_img).copy()))
@@ -124,19 +111,18 @@ def check_image_inputs(check: Checker, case: dict, fixture: Path, rec: Recording
         check.close("vae_encoder_moments", vae.encode_moments(pixels), DEEP_TOL)
         check.close("vae_latent", rec.vae_latents[-1], DEEP_TOL)
         check.close("vae_latent_mean", vae.encode_mean(pixels), DEEP_TOL)
-        check.close("vae_encode_noise", check.expected("vae_encode_noise"), dict(rtol=0, atol=0))
+        assert torch.equal(rec.vae_noise[-1], check.input("vae_encode_noise")), "the VAE was not given the stored noise"
 
 
 def run_image_case(case, reference, fixture, executor):
     rec = RecordingExecutor(executor)
     check = Checker(case, reference)
     p = case["params"]
-    draws = [reference[f"{case['name']}/{n}"] for n in ("vae_encode_noise", "init_noise")
-             if f"{case['name']}/{n}" in reference]
+    draws = [check.input(n) for n in ("vae_encode_noise", "init_noise") if n in check.stored]
     assert [list(d.shape) for d in draws] == [d["shape"] for d in case["derived"]["random_draws"]]
     steps = []
     result = generate_image(
-        rec, items_of(case, fixture), image_params(p, p.get("image_shapes")), think=p["think"],
+        rec, items_of(case, fixture), image_params(p), think=p["think"],
         text_params=text_params(p), noise=NoiseSource(tensors=draws), on_step=steps.append,
     )
     # Contexts when denoising starts (a branch the sampler does not run still has its context).
@@ -158,7 +144,7 @@ def run_image_case(case, reference, fixture, executor):
         assert result.thought.text == derived["output_text"]
     if case["inputs"].get("image"):
         check_image_inputs(check, case, fixture, rec, with_vae=True)
-    check.close("init_noise", draws[-1], dict(rtol=0, atol=0))
+    assert torch.equal(first[0].latents, check.input("init_noise")), "denoising did not start from the stored noise"
     check.close("sigmas", timesteps(p["num_timesteps"], p["timestep_shift"]), dict(rtol=0, atol=1e-6))
     check.close("v_combined", torch.stack([s.v for s in steps]), LOOP_TOL)
     for key, branch in (("v_cond", Branch.COND), ("v_text_uncond", Branch.CFG_TEXT), ("v_img_uncond", Branch.CFG_IMG)):
@@ -215,8 +201,7 @@ def run_understand_case(case, reference, fixture, executor):
 
 def run_vae_decode_case(case, reference, fixture, executor):
     check = Checker(case, reference)
-    check.close("latent", check.expected("latent"), dict(rtol=0, atol=0))
-    check.close("decoded", executor.decode_latents(check.expected("latent")), LOOP_TOL)
+    check.close("decoded", executor.decode_latents(check.input("latent")), LOOP_TOL)
     check.all_checked()
 
 

@@ -236,16 +236,21 @@ def malformed_requests(count: int, seed: int = 0) -> list[tuple[str, object]]:
     images = [base64.b64encode(b"not an image at all").decode(), "@@@not base64@@@", base64.b64encode(png).decode()[:-7],
               base64.b64encode(giant.getvalue()).decode(), base64.b64encode(png[:40]).decode(), ""]
     wrong = [None, [], {}, "four", True, -1, 10**30, 1e308, "ğ\u0000\ud7ff", [1, 2, 3]]
-    gen_fields = ["prompt", "n", "size", "num_timesteps", "cfg_text_scale", "cfg_img_scale", "cfg_interval",
-                  "timestep_shift", "cfg_renorm_min", "cfg_renorm_type", "seed", "max_think_tokens"]
+    # Values that are wrong for each field (None is "unset" where a field is optional; any
+    # non-empty string is a prompt), so that every such request is invalid in that field alone.
+    numbers = [[], {}, "four", -1, 10**30, 1e308, [1, 2, 3], "ğ\u0000\ud7ff"]
+    wrong_for = {"prompt": [None, [], {}, True, -1, 10**30, ""], "size": [[], {}, "four", True, -1, "65x64"],
+                 "cfg_interval": [[], {}, "four", -1, [1, 2, 3], [0.9, 0.1]],
+                 "cfg_renorm_type": [[], {}, "four", True, -1, "local"],
+                 **{f: numbers for f in ("n", "num_timesteps", "cfg_text_scale", "cfg_img_scale", "timestep_shift",
+                                         "cfg_renorm_min", "seed", "max_think_tokens")}}
 
     def gen():
         body = t2i()
         kind = rng.randrange(6)
         if kind == 0:
-            body[rng.choice(gen_fields)] = rng.choice([w for w in wrong if not isinstance(w, bool) or True])
-            body["size"] = body.get("size") if isinstance(body.get("size"), str) else "65x64"
-            body["n"] = body.get("n", 99) if not isinstance(body.get("n"), int) or body.get("n", 0) > 4 else 99
+            field = rng.choice(sorted(wrong_for))
+            body[field] = rng.choice(wrong_for[field])
         elif kind == 1:
             body.pop("prompt")
         elif kind == 2:

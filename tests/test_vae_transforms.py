@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +16,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from bagel_model.config import BagelConfig
 from bagel_model.latents import patchify, to_uint8, unpatchify
-from bagel_model.transforms import (
-    VAE_RULE,
-    VIT_RULE,
-    InvalidImage,
-    ResizeRule,
-    open_image,
-    to_rgb,
-    to_tensor,
-    vit_patches,
-)
+from bagel_model.transforms import InvalidImage, ResizeRule, open_image, to_rgb, to_tensor, vit_patches
 from bagel_model.vae import AutoEncoder, VAEConfig
 
-FIXTURE = Path(
-    os.environ.get("BAGEL_FIXTURE", Path(__file__).resolve().parent.parent / ".." / "shared" / "fixtures" / "bagel-tiny")
-).resolve()
+from .conftest import FIXTURE
+
 EDIT = "edit_text_channel"
 
 # Observed max abs differences are ~1e-6 (decoder) and ~2.4e-6 (encoder); the fixture's own
@@ -52,12 +42,8 @@ CASES = {c["name"]: c for c in _load_json(FIXTURE / "cases.json")["cases"]}
 DECODE_CASES = sorted(n for n, c in CASES.items() if f"{n}/decode_input_latent" in c["tensors"])
 
 
-def _rule(d: dict) -> ResizeRule:
-    return ResizeRule(d["max_image_size"], d["min_image_size"], d["image_stride"], d["max_pixels"])
-
-
-FIX_VAE_RULE = _rule(PARITY["vae_transform"])
-FIX_VIT_RULE = _rule(PARITY["vit_transform"])
+FIXTURE_CONFIG = BagelConfig.from_checkpoint_dir(FIXTURE / "checkpoint")  # its resize rules from parity_config.json
+RELEASED = BagelConfig()
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +61,7 @@ def ae() -> AutoEncoder:
 @pytest.fixture(scope="module")
 def edit_images() -> tuple[Image.Image, Image.Image]:
     """(VAE-resized, ViT-resized) input image of the edit case, as the inferencer makes them."""
-    img = to_rgb(open_image(FIXTURE / CASES[EDIT]["inputs"]["image"]))
-    vae_img = FIX_VAE_RULE(img)
-    return vae_img, FIX_VIT_RULE(vae_img)
+    return FIXTURE_CONFIG.resize_input(to_rgb(open_image(FIXTURE / CASES[EDIT]["inputs"]["image"])))
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -214,9 +198,11 @@ def test_to_uint8_truncates_and_clamps() -> None:
 
 def test_edit_resizes(edit_images: tuple[Image.Image, Image.Image], ref: dict) -> None:
     derived = CASES[EDIT]["derived"]
-    assert FIX_VAE_RULE.target_size(*derived["vae_resize"]["input_wh"]) == tuple(derived["vae_resize"]["output_wh"])
-    assert FIX_VIT_RULE.target_size(*derived["vit_resize"]["input_wh"]) == tuple(derived["vit_resize"]["output_wh"])
+    vae_rule, vit_rule = FIXTURE_CONFIG.vae_transform, FIXTURE_CONFIG.vit_transform
+    assert vae_rule.target_size(*derived["vae_resize"]["input_wh"]) == tuple(derived["vae_resize"]["output_wh"])
+    assert vit_rule.target_size(*derived["vit_resize"]["input_wh"]) == tuple(derived["vit_resize"]["output_wh"])
     vae_img, vit_img = edit_images
+    assert FIXTURE_CONFIG.input_image_sizes(*derived["vae_resize"]["input_wh"]) == (vae_img.size, vit_img.size)
     assert torch.equal(_uint8(vae_img), ref[f"{EDIT}/vae_resized_uint8"])
     assert torch.equal(_uint8(vit_img), ref[f"{EDIT}/vit_resized_uint8"])
 
@@ -261,8 +247,9 @@ def test_vit_patches_layout() -> None:
     ],
 )
 def test_resize_rule_spec_table(size: tuple, vae_size: tuple, vit_size: tuple) -> None:
-    assert VAE_RULE.target_size(*size) == vae_size
-    assert VIT_RULE.target_size(*vae_size) == vit_size
+    assert RELEASED.vae_transform.target_size(*size) == vae_size
+    assert RELEASED.vit_transform.target_size(*vae_size) == vit_size
+    assert RELEASED.input_image_sizes(*size) == (vae_size, vit_size)
 
 
 def test_resize_rule_rounds_half_to_even() -> None:
@@ -280,11 +267,11 @@ def test_resize_rule_max_pixels_uses_area_ratio() -> None:
 
 def test_resize_call() -> None:
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
-    out = VAE_RULE(img)
+    out = RELEASED.vae_transform(img)
     assert out.size == (688, 512)
     assert torch.equal(_uint8(out), _uint8(img.resize((688, 512), Image.BICUBIC)))
     same = Image.fromarray(np.zeros((512, 688, 3), dtype=np.uint8))
-    copy = VAE_RULE(same)
+    copy = RELEASED.vae_transform(same)
     assert copy is not same and copy.size == same.size
 
 

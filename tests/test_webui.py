@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from bagel_model.demo import demo_checkpoint_dir
+from cluster.knobs import web_knobs
 
 from .service_app import REPO_ROOT, running_app
 
@@ -164,6 +165,25 @@ def test_demo_banner(page):
     assert "bagel-demo" in page.find_element(By.ID, "model-status").text
     assert page.current_url.endswith("/ui/#t2i")
     shot(page, "01-start")
+
+
+def test_the_page_shows_the_servers_knobs_and_defaults(page, base_url):
+    """Every setting, its help and each task's default come from GET /knobs (cluster/knobs.py,
+    made from pipelines/params.py; tests/test_knobs.py checks it against the parameters)."""
+    served = httpx.get(base_url + "/knobs").json()
+    assert served == web_knobs()
+    for task, defaults in (("t2i", served["defaults"]["t2i"]), ("think", served["defaults"]["t2i"]),
+                           ("edit", served["defaults"]["edit"])):
+        section = panel(page, task)
+        for knob in served["knobs"]:
+            field = section.find_element(By.ID, f"{task}-{knob['name']}")
+            shown, default = field.get_attribute("value"), defaults[knob["name"]]
+            assert shown == default if isinstance(default, str) else float(shown) == default, (task, knob["name"])
+            label = field.find_element(By.XPATH, "..")
+            assert label.get_attribute("title") == knob["help"] and knob["label"] in label.get_attribute("textContent")
+    panel(page, "chat")
+    for name, default in served["chat"].items():
+        assert float(page.find_element(By.ID, f"chat-{name}").get_attribute("value")) == default
 
 
 def test_text_to_image_with_live_progress(page):

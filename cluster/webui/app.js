@@ -4,50 +4,13 @@
 
 const API = new URL("../", document.baseURI);  // the app's root (…/ui/ -> …/)
 
-// -- BAGEL's sampler knobs: official names, per-task defaults (pipelines/params.py, the
-// official notebook) and the official UI's ranges (spec §5.9). The server validates; the
-// ranges here are only the inputs' hints.
-const DEFAULTS = {
-  t2i: {cfg_text_scale: 4.0, cfg_img_scale: 1.0, cfg_interval_start: 0.4, timestep_shift: 3.0,
-        num_timesteps: 50, cfg_renorm_min: 0.0, cfg_renorm_type: "global", cfg_refresh_interval: 1, seed: "",
-        max_think_tokens: 1000},
-  edit: {cfg_text_scale: 4.0, cfg_img_scale: 2.0, cfg_interval_start: 0.0, timestep_shift: 3.0,
-         num_timesteps: 50, cfg_renorm_min: 0.0, cfg_renorm_type: "text_channel", cfg_refresh_interval: 1, seed: "",
-         max_think_tokens: 1000},
-};
-
-const KNOBS = [
-  {name: "cfg_text_scale", label: "Text guidance", min: 1, max: 8, step: 0.1,
-   hint: "How closely to follow the prompt. 1 = off.",
-   help: "cfg_text_scale: classifier-free guidance on the text. Higher follows the prompt more closely but looks less natural; 1 turns guidance off (image guidance too). Official UI 1–8, default 4."},
-  {name: "cfg_img_scale", label: "Image guidance", min: 1, max: 4, step: 0.1,
-   hint: "How much to keep the input image. 1 = off.",
-   help: "cfg_img_scale: classifier-free guidance on the input/context images. Higher keeps more of the input image. Default 1.0 (off) for text-to-image, 2.0 for editing. Official UI 1–4."},
-  {name: "cfg_interval_start", label: "Guidance interval start", min: 0, max: 1, step: 0.05,
-   hint: "Guidance for start < t ≤ 1.0 (end fixed).",
-   help: "cfg_interval = [start, 1.0]: guidance runs only at times t in (start, 1.0], where t = 1 is pure noise. A later start guides only the early, coarse steps. Default 0.4 for text-to-image, 0.0 for editing."},
-  {name: "timestep_shift", label: "Timestep shift", min: 1, max: 10, step: 0.5,
-   hint: "Higher: more steps on layout, fewer on detail.",
-   help: "timestep_shift: shifts the denoising schedule towards the noisy end, spending more steps on composition and fewer on fine detail. Official UI 1–5 for text-to-image, 1–10 for editing; default 3."},
-  {name: "num_timesteps", label: "Steps", min: 2, max: 100, step: 1, integer: true,
-   hint: "Denoising steps: more is slower and finer.",
-   help: "num_timesteps: points of the denoising schedule (model evaluations + 1). More steps are slower and usually finer. Official UI 10–100, default 50."},
-  {name: "cfg_renorm_min", label: "Renorm minimum", min: 0, max: 1, step: 0.05,
-   hint: "Lower clamp of the renorm factor; 1 = no renorm.",
-   help: "cfg_renorm_min: after guidance the prediction is scaled down to at most the norm of the unguided one; the scale factor is clamped to [renorm minimum, 1]. 0 = full renormalisation (default), 1 = none."},
-  {name: "cfg_renorm_type", label: "Renorm type", options: ["global", "channel", "text_channel"],
-   hint: "global (text-to-image), text_channel (edit).",
-   help: "cfg_renorm_type: global = one factor over the whole image; channel = one per image token; text_channel = per token on the text-guided prediction, before image guidance (the editing default)."},
-  {name: "cfg_refresh_interval", label: "Guidance refresh (approximate)", min: 1, max: 10, step: 1, integer: true,
-   hint: "1 = exact. 2–3: faster, slightly different.",
-   help: "cfg_refresh_interval (ours, APPROXIMATE when above 1): the guidance branches run only every k-th guided step and are estimated in between from their last difference to the conditional prediction. 2 or 3 save a good part of the time (measured in the README) at the cost of a small change to the image. 1 (default) is the exact model."},
-  {name: "seed", label: "Seed", min: 0, step: 1, integer: true, optional: true, placeholder: "random",
-   hint: "Blank = random; the seed used is shown.",
-   help: "seed: the noise seed. Blank picks a random one; the seed actually used is shown with the result, and the same seed and settings give the same image."},
-  {name: "max_think_tokens", label: "Max think tokens", min: 64, max: 4006, step: 1, integer: true, think: true,
-   hint: "Longest thought, in tokens.",
-   help: "max_think_tokens: the longest plan BAGEL writes before drawing. Default 1000 (official notebook); official UI 64–4006."},
-];
+// BAGEL's sampler knobs, their help and every task's defaults come from the server (GET knobs,
+// cluster/knobs.py), which makes them from pipelines/params.py: the page never disagrees with it.
+async function loadKnobs() {
+  const response = await fetch(new URL("knobs", API), {cache: "no-store"});
+  if (!response.ok) throw new Error(`HTTP ${response.status}`);
+  return response.json();
+}
 
 const PANELS = {
   t2i: {defaults: "t2i", endpoint: "v1/images/generations", size: true, think: false,
@@ -288,12 +251,13 @@ function fillSizes(panel) {
   preset.value = ""; width.value = ""; height.value = "";
 }
 
-function imagePanel(task) {
+function imagePanel(task, page) {
   const spec = PANELS[task];
   const section = document.getElementById(`panel-${task}`);
   section.append(document.getElementById("image-panel").content.cloneNode(true));
   const form = section.querySelector("form");
-  const state = {task, spec, form, controller: null, image: null, lastSeed: null, lastImage: null};
+  const knobs = page.knobs;
+  const state = {task, spec, form, knobs, controller: null, image: null, lastSeed: null, lastImage: null};
   panels[task] = state;
 
   $(form, "intro").textContent = spec.intro;
@@ -303,14 +267,14 @@ function imagePanel(task) {
   $(form, "cancel").id = `${task}-cancel`;
   $(form, "run").textContent = task === "edit" ? "Edit" : "Generate";
 
-  const defaults = DEFAULTS[spec.defaults];
+  const defaults = page.defaults[spec.defaults];
   const grid = $(form, "knobs");
-  for (const knob of KNOBS) grid.append(knobField(task, knob, defaults));
+  for (const knob of knobs) grid.append(knobField(task, knob, defaults));
   const thinkOn = () => spec.think || (spec.thinkOption && $(form, "think").checked);
   const syncThink = () => grid.querySelectorAll(".think-knob").forEach((n) => { n.hidden = !thinkOn(); });
   syncThink();
   $(form, "reset").addEventListener("click", () => {
-    for (const knob of KNOBS) form.querySelector(`#${task}-${knob.name}`).value = defaults[knob.name];
+    for (const knob of knobs) form.querySelector(`#${task}-${knob.name}`).value = defaults[knob.name];
   });
 
   if (spec.size) { $(form, "size-box").hidden = false; fillSizes(form); }
@@ -371,15 +335,15 @@ function clearOutput(state) {
 
 // The request body from the form: BAGEL's knobs, empty fields left to the server's defaults.
 function imageBody(state) {
-  const {task, spec, form} = state;
+  const {task, spec, form, knobs} = state;
   const think = spec.think || (spec.thinkOption && $(form, "think").checked);
   const body = {prompt: $(form, "prompt").value, stream: true, think};
-  for (const knob of KNOBS) {
+  for (const knob of knobs) {
     if (knob.think && !think) continue;
     const raw = form.querySelector(`#${task}-${knob.name}`).value.trim();
     if (raw === "") continue;
     const value = knob.options ? raw : Number(raw);
-    if (knob.name === "cfg_interval_start") body.cfg_interval = [value, 1.0];
+    if (knob.param) body[knob.param] = [value, knob.end];  // a pair shown as its start
     else body[knob.name] = value;
   }
   if (spec.size && $(form, "width").value) body.size = `${$(form, "width").value}x${$(form, "height").value}`;
@@ -530,7 +494,8 @@ async function runChat() {
   }
 }
 
-function setupChat() {
+function setupChat(defaults) {
+  for (const [name, value] of Object.entries(defaults)) document.getElementById(`chat-${name}`).value = value;
   const form = document.querySelector("#panel-chat form");
   const file = document.getElementById("chat-file");
   const error = document.getElementById("chat-error");
@@ -557,10 +522,19 @@ function setupChat() {
 
 // -- start --------------------------------------------------------------------------------------
 
-setupApiKey();
-for (const task of Object.keys(PANELS)) imagePanel(task);
-setupChat();
-setupTabs();
-checkHealth();
-setInterval(checkHealth, 30000);
-document.body.dataset.ready = "true";
+async function start() {
+  setupApiKey();
+  try {
+    const page = await loadKnobs();
+    for (const task of Object.keys(PANELS)) imagePanel(task, page);
+    setupChat(page.chat);
+  } catch (e) {
+    show(document.getElementById("health-banner"), `Cannot load the settings from the service: ${e.message}`);
+  }
+  setupTabs();
+  checkHealth();
+  setInterval(checkHealth, 30000);
+  document.body.dataset.ready = "true";
+}
+
+start();
