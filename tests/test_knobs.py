@@ -4,9 +4,9 @@ fields and the web UI's inputs are made from it, with the same names, help and p
 from __future__ import annotations
 
 from bagel_serve.cli import build_parser
-from cluster.knobs import web_knobs
-from cluster.protocol import BagelImageOptions, ChatCompletionRequest, ImageGenerationRequest
 from cluster.args import Limits
+from cluster.knobs import web_knobs
+from cluster.protocol import ChatCompletionRequest, ImageGenerationRequest, ImageKnobs
 from pipelines.params import CHAT_DEFAULTS, EDIT_DEFAULTS, RENORM_TYPES, ImageParams, TextParams, image_knobs
 
 NAMES = [k.name for k in image_knobs()]
@@ -40,16 +40,16 @@ def test_cli_flags_are_the_knobs_with_each_task_default():
 
 
 def test_http_fields_are_the_knobs_and_unset_ones_take_the_task_defaults():
-    fields = BagelImageOptions.model_fields
+    fields = ImageKnobs.model_fields
     assert [n for n in fields if n in NAMES] == NAMES
     assert all(fields[k.name].description == k.help and fields[k.name].default is None for k in image_knobs())
     task, _ = ImageGenerationRequest(prompt="x").to_task(Limits())
     assert task.params == ImageParams() and task.text_params == TextParams()
     task, _ = ImageGenerationRequest(prompt="x", cfg_interval=(0.1, 0.9), max_think_tokens=5).to_task(Limits())
     assert task.params.cfg_interval == (0.1, 0.9) and task.text_params.max_new_tokens == 5
-    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]).to_task(Limits())
+    chat, _ = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]).to_task(Limits())
     assert chat.params == CHAT_DEFAULTS
-    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.7).to_task(Limits())
+    chat, _ = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.7).to_task(Limits())
     assert chat.params.do_sample and chat.params.temperature == 0.7
 
 
