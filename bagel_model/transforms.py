@@ -1,7 +1,8 @@
 """Image loading and preprocessing for the VAE and ViT inputs (spec §6).
 
 Contract:
-  * ``open_image(bytes | path)`` returns a fully decoded PIL image or raises :class:`InvalidImage`.
+  * ``open_image(bytes | path)`` returns a fully decoded PIL image or raises :class:`InvalidImage`;
+    ``read_header`` opens one lazily (size and format, no pixels decoded).
   * ``to_rgb`` composites images with transparency onto white, else converts to RGB.
   * ``ResizeRule(max_size, min_size, stride, max_pixels)`` reproduces the official
     "max long edge / min short edge / stride" resize bit-exactly (Pillow bicubic).
@@ -31,26 +32,44 @@ class InvalidImage(InvalidRequest):
     """The input is not a decodable image, or is too large to decode."""
 
 
-def open_image(data: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def read_header(source: io.BytesIO | io.BufferedReader, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Open an image lazily: format, size and mode from its header, no pixel data decoded.
+
+    Raises :class:`InvalidImage` when the data is not an image (of one of ``formats``, if given)
+    or declares more than ``max_pixels`` pixels. Our limit is the one reported, also for images
+    beyond Pillow's own decompression-bomb limit.
+    """
+    try:
+        img = Image.open(source, formats=formats)
+    except Image.DecompressionBombError:
+        raise InvalidImage(f"larger than the limit of {max_pixels} pixels") from None
+    except Exception:  # Pillow raises many exception types on malformed headers; its messages name its internals
+        kinds = f" ({', '.join(formats)})" if formats else ""
+        raise InvalidImage(f"not a decodable image{kinds}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise InvalidImage(f"{width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    if width < 1 or height < 1:
+        raise InvalidImage(f"{width}x{height} pixels")
+    return img
+
+
+def open_image(data: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               formats: tuple[str, ...] | None = None) -> Image.Image:
     """Open and fully decode an image from bytes or a file path.
 
-    The pixel count is checked from the header before any pixel data is decoded. Raises
+    The header is checked (`read_header`) before any pixel data is decoded. Raises
     :class:`InvalidImage` for undecodable or truncated data and for images above ``max_pixels``;
     a missing file raises the usual ``OSError``.
     """
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, "rb")
     with source:
-        try:
-            img = Image.open(source)
-        except Exception as e:  # Pillow raises many exception types on malformed headers
-            raise InvalidImage(f"not a decodable image: {e}") from e
-        width, height = img.size
-        if width * height > max_pixels:
-            raise InvalidImage(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        img = read_header(source, max_pixels, formats)
         try:
             img.load()
         except Exception as e:  # truncated or corrupt pixel data
-            raise InvalidImage(f"image data could not be decoded: {e}") from e
+            raise InvalidImage(f"image data could not be decoded ({type(e).__name__}: {e})") from None
     return img
 
 

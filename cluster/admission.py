@@ -1,9 +1,10 @@
-"""Admission control: a bounded queue and a KV-cache budget.
+"""Admission control: a bounded queue, a KV-cache budget and a budget for decoded input images.
 
 A request enters when fewer than `max_running + max_queued` requests are in the system
 (otherwise `Overloaded`, HTTP 429 with Retry-After) and then waits until the stages have room
-for its KV caches (`kv_budget_bytes` per stage, estimated from its inputs). A request that could
-never fit is refused with `InvalidRequest`.
+for its KV caches (`kv_budget_bytes` per stage, estimated from its inputs) and the ingress has
+room for its decoded images (`image_budget_bytes`, estimated from their headers). A request that
+could never fit is refused with `InvalidRequest`.
 """
 from __future__ import annotations
 
@@ -19,39 +20,52 @@ from PIL import Image
 
 from .api import ImageTask, TextTask
 from .errors import Overloaded
+from .inputs import EncodedImage
 
 
 class Admission:
-    def __init__(self, max_running: int, max_queued: int, kv_budget_bytes: int | None, retry_after_s: int):
+    def __init__(self, max_running: int, max_queued: int, kv_budget_bytes: int | None, retry_after_s: int,
+                 image_budget_bytes: int | None = None):
         self.limit = max_running + max_queued
         self.kv_budget = kv_budget_bytes
+        self.image_budget = image_budget_bytes
         self.retry_after_s = retry_after_s
         self.in_system = 0
         self.kv_reserved = 0
+        self.image_reserved = 0
         self._changed = asyncio.Condition()
 
-    async def enter(self, kv_bytes: int) -> None:
+    async def enter(self, kv_bytes: int, image_bytes: int = 0) -> None:
         if self.in_system >= self.limit:
             raise Overloaded(f"server busy: {self.in_system} requests in flight or queued; retry later",
                              retry_after_s=self.retry_after_s)
         if self.kv_budget is not None and kv_bytes > self.kv_budget:
             raise InvalidRequest(f"the request needs ~{kv_bytes} bytes of KV cache per stage; "
                                  f"the service has {self.kv_budget}: use fewer or smaller images or tokens")
+        if self.image_budget is not None and image_bytes > self.image_budget:
+            raise InvalidRequest(f"the request's images need ~{image_bytes} bytes decoded; the service has "
+                                 f"{self.image_budget}: use fewer or smaller images")
         self.in_system += 1
         try:
             async with self._changed:
-                await self._changed.wait_for(
-                    lambda: self.kv_budget is None or self.kv_reserved + kv_bytes <= self.kv_budget)
+                await self._changed.wait_for(lambda: self._fits(self.kv_reserved + kv_bytes, self.kv_budget)
+                                             and self._fits(self.image_reserved + image_bytes, self.image_budget))
                 self.kv_reserved += kv_bytes
+                self.image_reserved += image_bytes
         except BaseException:
             self.in_system -= 1
             raise
 
-    async def leave(self, kv_bytes: int) -> None:
+    async def leave(self, kv_bytes: int, image_bytes: int = 0) -> None:
         self.in_system -= 1
         self.kv_reserved -= kv_bytes
+        self.image_reserved -= image_bytes
         async with self._changed:
             self._changed.notify_all()
+
+    @staticmethod
+    def _fits(total: int, budget: int | None) -> bool:
+        return budget is None or total <= budget
 
 
 def kv_bytes_estimate(task: ImageTask | TextTask, config: BagelConfig, tokenizer: BagelTokenizer,
@@ -64,7 +78,7 @@ def kv_bytes_estimate(task: ImageTask | TextTask, config: BagelConfig, tokenizer
         if isinstance(item, str):
             text_tokens += len(tokenizer.text_block(tokenizer.encode(item)))
         else:
-            size = item.size if isinstance(item, Image.Image) else (config.max_image_side,) * 2
+            size = item.size if isinstance(item, (Image.Image, EncodedImage)) else (config.max_image_side,) * 2
             (w, h), (vw, vh) = config.input_image_sizes(*size)
             image_tokens += image_block_len(math.prod(config.latent_grid(h, w)))
             image_tokens += image_block_len(math.prod(config.vit_grid(vh, vw)))

@@ -22,11 +22,17 @@ class Limits(BaseModel):
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest input image (W*H) decoded")
     max_aspect_ratio: float = Field(16.0, ge=1.0, description="largest long/short side ratio of an input image")
     max_images: int = Field(4, ge=1, description="images per request")
+    max_request_image_pixels: int = Field(100_000_000, gt=0, description="pixels (W*H) of a request's images together")
     max_prompt_chars: int = Field(16_000, gt=0, description="characters of text per request")
     max_prompt_tokens: int = Field(4096, gt=0, description="tokens of text per request")
     max_n: int = Field(4, ge=1, description="images per generation request")
     max_num_timesteps: int = Field(200, ge=2)
     max_new_tokens: int = Field(4096, ge=1)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body: the images base64-encoded, plus 1 MiB for the rest (HTTP 413 beyond)."""
+        return self.max_images * (self.max_upload_bytes * 4 // 3 + 4) + 2**20
 
 
 class AppArgs(BaseModel):
@@ -55,6 +61,8 @@ class AppArgs(BaseModel):
                                            "after each further one (at most 60 s)")
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queueing included (504 after)")
     kv_cache_bytes: int | None = Field(None, gt=0, description="KV-cache budget per stage; requests wait for room (null: no limit)")
+    image_memory_bytes: int = Field(2 * 2**30, gt=0, description="ingress memory for decoded input images, "
+                                    "estimated from their headers (8 bytes a pixel); requests wait for room")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1/* ($BAGEL_API_KEY)")
     limits: Limits = Field(default_factory=Limits)
     compile: bool | None = Field(None, description="fused torch.compile'd elementwise kernels in the stages "

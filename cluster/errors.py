@@ -33,8 +33,13 @@ class Unauthorized(BagelError):
     """The API key is missing or wrong."""
 
 
+class PayloadTooLarge(InvalidRequest):
+    """The request body is larger than the limits allow (checked before it is read)."""
+
+
 # exception class -> (HTTP status, OpenAI error type)
 STATUS: dict[type[Exception], tuple[int, str]] = {
+    PayloadTooLarge: (413, "invalid_request_error"),
     InvalidRequest: (400, "invalid_request_error"),
     Overloaded: (429, "rate_limit_error"),
     Cancelled: (499, "cancelled"),

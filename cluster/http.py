@@ -5,14 +5,18 @@ Routes are thin: parse the request (`protocol.py`), call the `BagelService`, sha
 (`responses.py`, `sse.py`). The app finds its service through the `service` callable given to
 `create_app` (in the Serve deployment: the replica's service; in tests: any service), so the
 layer runs without Serve too.
+
+The API routes (`BoundaryRoute`) check the API key before a body is read and limit the body's
+size; the body is parsed, normalized, validated and turned into a task (base64, image headers)
+off the event loop (`bodies.py`). Every failure, also an unexpected one, answers in OpenAI's
+error shape; only our own failures are 5xx.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -20,15 +24,18 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bagel_model.errors import BagelError, InvalidRequest
 
-from .api import ImageTask
+from .api import ImageTask, TextTask
+from .args import Limits
+from .bodies import off_loop, read_json, size_limited
 from .errors import RetryLater, Unauthorized, status_of
-from .forms import edit_request
+from .forms import edit_fields, json_fields
 from .jobs import Job, cancel_all
 from .knobs import web_knobs
 from .normalize import parse, problems_error, validation_problems
@@ -46,9 +53,11 @@ def create_app(service: Callable[[], BagelService]) -> FastAPI:
     app.state.service = service
     app.mount("/ui", StaticFiles(directory=WEBUI, html=True), name="ui")
     app.include_router(router)
+    app.include_router(api)
     app.add_exception_handler(RequestValidationError, _invalid_body)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(BagelError, _bagel_error)
+    app.add_exception_handler(Exception, _unexpected)
     app.openapi = lambda: _openapi(app)
     return app
 
@@ -71,11 +80,26 @@ def json_response(body: BaseModel, status_code: int = 200, headers: dict | None 
     return Response(body.model_dump_json(), status_code=status_code, headers=headers, media_type="application/json")
 
 
+class BoundaryRoute(APIRoute):
+    """An API route: the API key is checked before the body is read (a malformed body without
+    a key gets 401) and the body is limited to `Limits.max_body_bytes` (413) as it arrives."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            service = current_service(request)
+            authorize(request, service)
+            return await handler(size_limited(request, service.limits.max_body_bytes))
+
+        return guarded
+
+
 # -- routes ----------------------------------------------------------------------------------
 
-router = APIRouter()
-API = {"dependencies": [Depends(authorize)],
-       "responses": {status: {"model": ErrorResponse} for status in (400, 401, 429, 503, 504)}}
+router = APIRouter()  # the UI, health and metrics: no key
+api = APIRouter(route_class=BoundaryRoute)
+API = {"responses": {status: {"model": ErrorResponse} for status in (400, 401, 413, 429, 503, 504)}}
 
 
 @router.get("/", include_in_schema=False)
@@ -100,12 +124,12 @@ async def metrics(service: Service) -> Response:
     return Response(await service.metrics_text(), media_type="text/plain; version=0.0.4")
 
 
-@router.get("/v1/models", response_model=ModelList, **API)
+@api.get("/v1/models", response_model=ModelList, **API)
 async def models(service: Service) -> Response:
     return json_response(ModelList(data=[ModelCard(id=service.model_name)]))
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard,
+@api.get("/v1/models/{model_id:path}", response_model=ModelCard,
             **{**API, "responses": {**API["responses"], 404: {"model": ErrorResponse}}})
 async def model(model_id: str, service: Service) -> Response:
     if model_id != service.model_name:
@@ -118,35 +142,34 @@ async def model(model_id: str, service: Service) -> Response:
 def _body(model: type[BaseModel], multipart: bool = False) -> dict:
     """OpenAPI request body of a route that parses its body itself (normalize.parse)."""
     content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
-    if multipart:
-        content["multipart/form-data"] = {"schema": {"type": "object", "description": "the same fields; "
-                                                     "`image` as one or more files (`image` or `image[]`)"}}
+    if multipart:  # the same fields; `image` also as one or more files (`image` or `image[]`)
+        content["multipart/form-data"] = {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
     return {"requestBody": {"required": True, "content": content}}
 
 
 REQUEST_MODELS = (ImageGenerationRequest, ImageEditRequest, ChatCompletionRequest)
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse, openapi_extra=_body(ImageGenerationRequest),
-             **API)
+@api.post("/v1/images/generations", response_model=ImagesResponse, openapi_extra=_body(ImageGenerationRequest),
+          **API)
 async def images_generations(request: Request, service: Service) -> Response:
-    body = parse(await _json(request), ImageGenerationRequest)
-    task, n = body.to_task(service.limits)
+    fields = await read_json(request)
+    body, (task, n) = await off_loop(request, _parsed, fields, ImageGenerationRequest, service.limits)
     return await _images(service, task, n, body.stream, body.response_options())
 
 
-@router.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=_body(ImageEditRequest, True), **API)
+@api.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=_body(ImageEditRequest, True), **API)
 async def images_edits(request: Request, service: Service) -> Response:
-    body = await edit_request(request, service.limits.max_upload_bytes)
-    task, n = body.to_task(service.limits)
+    fields = await edit_fields(request, service.limits)
+    body, (task, n) = await off_loop(request, _parsed, fields, ImageEditRequest, service.limits)
     return await _images(service, task, n, body.stream, body.response_options())
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=_body(ChatCompletionRequest),
-             **API)
+@api.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=_body(ChatCompletionRequest),
+          **API)
 async def chat_completions(request: Request, service: Service) -> Response:
-    body = parse(await _json(request), ChatCompletionRequest)
-    task, n = body.to_task(service.limits)
+    fields = await read_json(request)
+    body, (task, n) = await off_loop(request, _parsed, fields, ChatCompletionRequest, service.limits)
     jobs = await (service.start_images(task, n) if isinstance(task, ImageTask) else service.start_texts(task, n))
     completion_id, created = f"chatcmpl-{jobs[0].request_id}", int(time.time())
     if body.stream:
@@ -170,11 +193,10 @@ async def _results(jobs: list[Job]) -> list:
         raise
 
 
-async def _json(request: Request) -> object:
-    try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise InvalidRequest("the body must be JSON") from None
+def _parsed(fields: dict, model: type[BaseModel], limits: Limits) -> tuple[BaseModel, tuple[ImageTask | TextTask, int]]:
+    """The request and its task, from the body's fields (off the event loop)."""
+    body = parse(json_fields(fields), model)
+    return body, body.to_task(limits)
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -208,3 +230,8 @@ async def _bagel_error(request: Request, exc: BagelError) -> Response:
     param = exc.param if isinstance(exc, InvalidRequest) else None
     return json_response(ErrorResponse.of(str(exc), kind, param), status,
                          {"Retry-After": str(retry)} if retry else None)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    """A failure of ours (a bug): 500 in the same shape; Starlette logs the traceback after."""
+    return json_response(ErrorResponse.of(f"internal error ({type(exc).__name__})", "server_error"), 500)

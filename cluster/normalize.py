@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 
 from bagel_model.errors import InvalidRequest
 
@@ -197,8 +198,8 @@ def _unwrap(fields: dict, problems: list) -> dict:
             inner = fields.pop(wrapper)
             if isinstance(inner, str):
                 try:
-                    inner = json.loads(inner)
-                except json.JSONDecodeError:
+                    inner = from_json(inner)  # nesting-limited, unlike json.loads (RecursionError)
+                except ValueError:
                     pass
             if not isinstance(inner, dict):
                 problems.append((wrapper, "must be an object"))

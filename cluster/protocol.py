@@ -14,14 +14,17 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from bagel_model.errors import InvalidRequest
-from bagel_model.transforms import open_image
 from pipelines.params import CHAT_DEFAULTS, EDIT_DEFAULTS, ImageParams, TextParams, image_knobs
 
 from .api import ImageTask, TextTask
 from .args import Limits
+from .inputs import inspect_image
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are errors; so are NaN and infinities (the JSON parser lets them through to
+    be refused here, naming the field)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # A field per sampler knob (pipelines/params.py), unset by default.
@@ -56,9 +59,9 @@ class ImageKnobs(_SamplerKnobs):
     def thought_params(self, limits: Limits, do_sample: bool, temperature: float | None,
                        max_tokens: int | None = None) -> TextParams:
         """How the thought is decoded (think mode): greedy unless sampled, at most
-        max_think_tokens (else `max_tokens`, else TextParams' default) tokens."""
+        max_think_tokens (else `max_tokens`, else TextParams' default within the service's limit) tokens."""
         base = TextParams()
-        n = self.max_think_tokens or max_tokens or base.max_new_tokens
+        n = self.max_think_tokens or max_tokens or min(base.max_new_tokens, limits.max_new_tokens)
         if n > limits.max_new_tokens:
             raise InvalidRequest(f"max_think_tokens must be at most {limits.max_new_tokens}", param="max_think_tokens")
         return replace(base, max_new_tokens=n, do_sample=do_sample,
@@ -128,7 +131,7 @@ class ImageEditRequest(ImageResponseFields):
         if not encoded:
             raise InvalidRequest("image: give at least one image", param="image")
         _check_images(len(encoded), limits)
-        images = [decode_image(decode_base64(data, "image", limits), limits) for data in encoded]
+        images = [inspect_image(decode_base64(data, "image", limits), limits) for data in encoded]
         return self._task(images, EDIT_DEFAULTS, limits)
 
 
@@ -207,7 +210,7 @@ class ChatCompletionRequest(ImageKnobs):
             base = EDIT_DEFAULTS if any(not isinstance(i, str) for i in items) else ImageParams()
             thought = self.thought_params(limits, sample, self.temperature, max_new)
             return self.image_task(items, base, limits, self.size, thought), self.n
-        max_new = max_new or self.max_think_tokens or CHAT_DEFAULTS.max_new_tokens
+        max_new = max_new or self.max_think_tokens or min(CHAT_DEFAULTS.max_new_tokens, limits.max_new_tokens)
         if max_new > limits.max_new_tokens:
             raise InvalidRequest(f"max_tokens must be at most {limits.max_new_tokens}", param="max_tokens")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -218,7 +221,9 @@ class ChatCompletionRequest(ImageKnobs):
 
     def _items(self, limits: Limits) -> list:
         """Text and images in conversation order; within a message its images come first (BAGEL's
-        order: an image, then what to do with it)."""
+        order: an image, then what to do with it). Images are counted before any is inspected."""
+        _check_images(sum(not isinstance(m.content, str) and p.type == "image_url"
+                          for m in self.messages for p in m.content or []), limits)
         items: list = []
         for message in self.messages:
             parts = [ContentPart(type="text", text=message.content)] if isinstance(message.content, str) \
@@ -233,11 +238,10 @@ class ChatCompletionRequest(ImageKnobs):
                 else:
                     if part.image_url is None:
                         raise InvalidRequest("messages: an image_url part needs 'image_url'", param="messages")
-                    images.append(decode_image(decode_data_url(part.image_url.url, limits), limits))
+                    images.append(inspect_image(decode_data_url(part.image_url.url, limits), limits, "image_url"))
             items += images + texts
         if not any(isinstance(i, str) for i in items):
             raise InvalidRequest("messages: no text given", param="messages")
-        _check_images(sum(not isinstance(i, str) for i in items), limits)
         _check_text(" ".join(i for i in items if isinstance(i, str)), limits)
         return items
 
@@ -257,16 +261,6 @@ def decode_data_url(url: str, limits: Limits) -> bytes:
     if not url.startswith("data:") or ";base64," not in url:
         raise InvalidRequest("image_url: only data URLs ('data:image/png;base64,...') are accepted", param="image_url")
     return decode_base64(url.split(";base64,", 1)[1], "image_url", limits)
-
-
-def decode_image(data: bytes, limits: Limits):
-    if len(data) > limits.max_upload_bytes:
-        raise InvalidRequest(f"image: larger than {limits.max_upload_bytes} bytes", param="image")
-    image = open_image(data, max_pixels=limits.max_image_pixels)
-    w, h = image.size
-    if max(w, h) > limits.max_aspect_ratio * min(w, h):
-        raise InvalidRequest(f"image: aspect ratio {w}x{h} exceeds {limits.max_aspect_ratio}:1", param="image")
-    return image
 
 
 def _parse_size(size: str) -> tuple[int, int]:

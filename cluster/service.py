@@ -34,9 +34,9 @@ from .args import AppArgs, approximate_modes
 from .devices import placed_device, resolve_dtype
 from .errors import Cancelled, StageFailed, describe
 from .executor import ClusterExecutor
+from .inputs import checked_items, decoded, decoded_bytes
 from .jobs import Job, cancel_all
 from .metrics import Metrics
-from .protocol import decode_image
 from .stage_group import StageGroup
 from .supervisor import StageSupervisor
 
@@ -60,7 +60,7 @@ class BagelService:
                                         args.split_branches)
         self.pool = ThreadPoolExecutor(args.max_concurrent_requests, thread_name_prefix="request")
         self.admission = Admission(args.max_concurrent_requests, args.max_queued_requests,
-                                   args.kv_cache_bytes, args.retry_after_s)
+                                   args.kv_cache_bytes, args.retry_after_s, args.image_memory_bytes)
         self.metrics = Metrics()
         self.completed = 0
 
@@ -106,6 +106,7 @@ class BagelService:
         return await self._start_all("text", self._text_work, task, n)
 
     async def _start_all(self, kind: str, work: Callable, task: ImageTask | TextTask, n: int) -> list[Job]:
+        task = replace(task, items=checked_items(task.items, self.limits))
         jobs: list[Job] = []
         try:
             for i in range(n):
@@ -116,20 +117,23 @@ class BagelService:
         return jobs
 
     async def _start(self, kind: str, work: Callable, task: ImageTask | TextTask) -> Job:
-        """Admit the request (or raise Overloaded), then queue it for a worker thread."""
+        """Admit the request (or raise Overloaded), then queue it for a worker thread. Its items
+        have passed `checked_items`: images are still encoded, and decoded on the worker thread
+        within the memory admission reserves for them."""
         self._check_stages()
         job = Job(secrets.token_hex(12), self.args.request_timeout_s)
         layers = max(len(s.layers) for s in self.stages.specs)
         kv_bytes = kv_bytes_estimate(task, self.config, self.tokenizer, layers, self.dtype.itemsize,
                                      self.limits.max_prompt_tokens)
+        image_bytes = decoded_bytes(task.items)
         try:
-            await self.admission.enter(kv_bytes)
+            await self.admission.enter(kv_bytes, image_bytes)
         except BagelError as e:
             log.info("request %s (%s) refused: %s", job.request_id, kind, describe(e))
             raise
         log.info("request %s (%s) admitted: %d in the system, ~%d KV bytes per stage", job.request_id, kind,
                  self.admission.in_system, kv_bytes)
-        job.submit(self.pool, lambda: self._run(job, kind, work, task, kv_bytes))
+        job.submit(self.pool, lambda: self._run(job, kind, work, task, kv_bytes, image_bytes))
         return job
 
     def _check_stages(self) -> None:
@@ -141,7 +145,7 @@ class BagelService:
             raise StageFailed(f"{self.supervisor.error}; this replica is being replaced",
                               retry_after_s=self.args.retry_after_s)
 
-    def _run(self, job: Job, kind: str, work: Callable, task, kv_bytes: int):
+    def _run(self, job: Job, kind: str, work: Callable, task, kv_bytes: int, image_bytes: int):
         """The request on its worker thread, from leaving the queue to its result."""
         outcome, error = "error", None
         try:
@@ -162,17 +166,17 @@ class BagelService:
         finally:
             latency_s = time.monotonic() - job.created
             _log_end(job, kind, latency_s, error)
-            job.loop.call_soon_threadsafe(self._done, kind, outcome, latency_s, kv_bytes)
+            job.loop.call_soon_threadsafe(self._done, kind, outcome, latency_s, kv_bytes, image_bytes)
 
-    def _done(self, kind: str, outcome: str, latency_s: float, kv_bytes: int) -> None:
+    def _done(self, kind: str, outcome: str, latency_s: float, kv_bytes: int, image_bytes: int) -> None:
         self.completed += 1
         self.metrics.request(kind, outcome, latency_s)
-        asyncio.ensure_future(self.admission.leave(kv_bytes))
+        asyncio.ensure_future(self.admission.leave(kv_bytes, image_bytes))
 
     def _image_work(self, task: ImageTask, job: Job) -> ImageOutput:
         seed = task.seed if task.seed is not None else random_seed()
         result = generate_image(
-            self.executor, self._decoded(task.items), task.params, think=task.think, text_params=task.text_params,
+            self.executor, decoded(task.items), task.params, think=task.think, text_params=task.text_params,
             noise=NoiseSource(seed), negative_prompt=task.negative_prompt,
             on_step=lambda p: job.emit({"type": "progress", "step": p.step, "num_steps": p.num_steps}),
             on_text=lambda delta: job.emit({"type": "thought", "delta": delta}),
@@ -183,14 +187,9 @@ class BagelService:
         return ImageOutput(buf.getvalue(), result.image.width, result.image.height, seed, thought)
 
     def _text_work(self, task: TextTask, job: Job) -> TextOutput:
-        result = understand(self.executor, self._decoded(task.items), task.params, think=task.think, seed=task.seed,
+        result = understand(self.executor, decoded(task.items), task.params, think=task.think, seed=task.seed,
                             on_text=lambda delta: job.emit({"type": "text", "delta": delta}))
         return TextOutput(result.text, len(result.token_ids), result.finish_reason)
-
-    def _decoded(self, items: list) -> list:
-        """Items with encoded image bytes opened as images, under the configured limits (handle
-        callers send bytes; HTTP requests arrive decoded and checked)."""
-        return [decode_image(i, self.limits) if isinstance(i, bytes) else i for i in items]
 
     # -- state ------------------------------------------------------------------------------
 
@@ -201,7 +200,8 @@ class BagelService:
             self.metrics.set(name, sum(s[key] or 0 for s in stages))
         self.metrics.set("queue_depth", self.admission.in_system)
         return {"requests_in_system": self.admission.in_system, "requests_completed": self.completed,
-                "kv_reserved_bytes": self.admission.kv_reserved, "stages": stages}
+                "kv_reserved_bytes": self.admission.kv_reserved, "image_reserved_bytes": self.admission.image_reserved,
+                "stages": stages}
 
     async def health(self) -> tuple[int, dict]:
         """(HTTP status, body): 200 "ok" with the stages' stats; 503 "degraded" while the stage
