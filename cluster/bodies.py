@@ -49,7 +49,7 @@ def size_limited(request: Request, max_bytes: int) -> Request:
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > max_bytes:
-                raise PayloadTooLarge(f"the request body is larger than {max_bytes} bytes")
+                raise PayloadTooLarge(f"the request body is larger than the {max_bytes} bytes at most accepted")
         return message
 
     return Request(request.scope, limited)
