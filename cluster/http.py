@@ -130,7 +130,7 @@ async def models(service: Service) -> Response:
 
 
 @api.get("/v1/models/{model_id:path}", response_model=ModelCard,
-            **{**API, "responses": {**API["responses"], 404: {"model": ErrorResponse}}})
+         **{**API, "responses": {**API["responses"], 404: {"model": ErrorResponse}}})
 async def model(model_id: str, service: Service) -> Response:
     if model_id != service.model_name:
         return json_response(ErrorResponse.of(f"The model '{model_id}' does not exist; this service serves "

@@ -77,6 +77,15 @@ def app(ray_url, tiny_checkpoint):
         yield App(client, handle, ingress_pid())
 
 
+@pytest.fixture
+def shown(capsys):
+    """Print to the terminal even when pytest captures output: CI logs show the counts."""
+    def show(text: str) -> None:
+        with capsys.disabled():
+            print(text, flush=True)
+    return show
+
+
 def ingress_pid() -> int:
     import ray
 
@@ -158,7 +167,7 @@ def raw_post(base_url: str, path: str, body: bytes, headers: dict) -> httpx.Resp
         connection.close()
 
 
-def test_hostile_requests_get_their_documented_answers(app):
+def test_hostile_requests_get_their_documented_answers(app, shown):
     limits = dict(max_image_pixels=MAX_IMAGE_PIXELS, max_upload_bytes=MAX_UPLOAD_BYTES,
                   max_body_bytes=4 * (MAX_UPLOAD_BYTES * 4 // 3 + 4) + 2**20)
     wrong, statuses = [], Counter()
@@ -178,14 +187,14 @@ def test_hostile_requests_get_their_documented_answers(app):
                 problems += [f"message lacks {w!r}" for w in case.words if w.lower() not in message.lower()]
             if problems:
                 wrong.append(f"{case.name}: {'; '.join(problems)} -- {r.text[:200]}")
-    print(f"\nhostile cases: {sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}, "
+    shown(f"\nhostile cases: {sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}, "
           f"ingress RSS +{rss.growth / 2**20:.0f} MiB at peak")
     assert not wrong, "\n".join(wrong)
     assert rss.growth < RSS_BOUND_BYTES, f"ingress RSS grew by {rss.growth / 2**20:.0f} MiB"
     wait_idle(app)
 
 
-def test_schema_fuzzer_finds_no_5xx_no_hang_no_leak(app):
+def test_schema_fuzzer_finds_no_5xx_no_hang_no_leak(app, shown):
     """schemathesis generates requests from /openapi.json, valid ones (positive) and ones that
     break the schema (negative), for every operation; bounded by FUZZ_EXAMPLES and FUZZ_BUDGET_S."""
     import requests
@@ -226,21 +235,21 @@ def test_schema_fuzzer_finds_no_5xx_no_hang_no_leak(app):
         fuzz()
     elapsed = time.monotonic() - start
     total = sum(sum(c.values()) for c in counts.values())
-    print(f"\nschemathesis: {total} requests in {elapsed:.0f} s, ingress RSS +{rss.growth / 2**20:.0f} MiB at peak")
+    shown(f"\nschemathesis: {total} requests in {elapsed:.0f} s, ingress RSS +{rss.growth / 2**20:.0f} MiB at peak")
     for name, c in sorted(counts.items()):
-        print(f"  {name}: {dict(sorted(c.items(), key=str))}")
+        shown(f"  {name}: {dict(sorted(c.items(), key=str))}")
     fives = sum(n for c in counts.values() for s, n in c.items() if isinstance(s, int) and s >= 500)
     hangs = sum(c["hang"] for c in counts.values())
-    print(f"  5xx: {fives}, hangs: {hangs}, bad error bodies: {len(failures) - fives - hangs}")
+    shown(f"  5xx: {fives}, hangs: {hangs}, bad error bodies: {len(failures) - fives - hangs}")
     assert not failures, "\n".join(failures[:20])
     assert total >= 100, f"only {total} requests were sent"
     assert rss.growth < RSS_BOUND_BYTES, f"ingress RSS grew by {rss.growth / 2**20:.0f} MiB"
     doc = wait_idle(app)
-    print(f"  afterwards: {doc['requests_in_system']} requests in the system, "
+    shown(f"  afterwards: {doc['requests_in_system']} requests in the system, "
           f"{sum(s['live_contexts'] for s in doc['stages'])} live KV contexts")
 
 
-def test_health_stays_fast_during_huge_uploads(app):
+def test_health_stays_fast_during_huge_uploads(app, shown):
     """A 36 MP edit (allowed: decoded on its worker thread) and a chat request with 20 such
     images (refused from the count, before any decode) arrive while /health is polled."""
     big = hostile.png(6000, 6000, "RGB")
@@ -276,7 +285,7 @@ def test_health_stays_fast_during_huge_uploads(app):
     stop.set()
     poller.join()
     during = latencies[baseline:]
-    print(f"\n/health during the uploads: {len(during)} calls, max {max(during) * 1000:.0f} ms, "
+    shown(f"\n/health during the uploads: {len(during)} calls, max {max(during) * 1000:.0f} ms, "
           f"median {sorted(during)[len(during) // 2] * 1000:.0f} ms; ingress RSS +{rss.growth / 2**20:.0f} MiB")
     assert answers["edit"].status_code == 200, answers["edit"].text[:300]
     assert answers["chat"].status_code == 400 and "at most 4 images" in answers["chat"].text
