@@ -172,8 +172,8 @@ def _record(sample: Sample, event: dict, now_s: float) -> None:
         sample.error = f"stream_{event.get('status', 'error')}"
     elif event.get("type") == "started":
         sample.queue_s = event.get("queue_s")
-    elif event.get("type") == "image":
-        sample.images += len(event.get("data", []))
+    elif str(event.get("type")).endswith(".completed"):  # image_generation.completed / image_edit.completed
+        sample.images += 1
     elif event.get("object") == "chat.completion.chunk":
         sample.tokens += int(bool(event["choices"][0]["delta"].get("content")))
 

@@ -2,7 +2,7 @@
 
     handle = serve.get_app_handle("bagel")
     out = handle.generate.remote(ImageTask(items=["a red fox"], params=ImageParams(num_timesteps=30))).result()
-    open("fox.png", "wb").write(out.png)
+    open("fox.png", "wb").write(out.data)  # PNG unless `output` says otherwise
 
 Items are strings or images (PIL images or encoded image bytes), in conversation order.
 """
@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from pipelines.params import ImageParams, TextParams
+
+from .image_encoding import OutputFormat
 
 Item = str | bytes | Image.Image
 
@@ -27,15 +29,18 @@ class ImageTask:
     text_params: TextParams = field(default_factory=TextParams)  # for the thought
     seed: int | None = None
     negative_prompt: str | None = None  # the text-free guidance branch's context (pipelines.tasks)
+    output: OutputFormat = field(default_factory=OutputFormat)  # how the image is encoded
+    previews: int = 0  # previews to stream (events of type "partial_image"), at most 3
 
 
 @dataclass
 class ImageOutput:
-    png: bytes
+    data: bytes  # the image, encoded as `output_format` says
     width: int
     height: int
     seed: int
     thought: str | None = None
+    output_format: str = "png"
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`build_app`: the Serve application (the `import_path` of ray_config.yaml).
 
-Binds the encoder and decoder deployments into the orchestrator (the ingress), which creates
-the pipeline's stage workers itself.
+Binds the encoder, decoder and image-store deployments into the orchestrator (the ingress),
+which creates the pipeline's stage workers itself.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from .args import AppArgs, with_gpu_shares
 from .decoder import Decoder
 from .devices import placed_device, resolve_dtype
 from .encoder import Encoder
+from .image_store import ImageStoreDeployment
 from .orchestrator import Orchestrator
 from .plan import with_plan
 
@@ -27,4 +28,5 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
         checkpoint, enc_device, resolve_dtype(a.dtype, enc_device), a.random_weights,
         a.quantize if a.quantize_vit else None)
     decoder = Decoder.options(ray_actor_options={"num_cpus": 0, "num_gpus": a.decoder_gpus}).bind(checkpoint, dec_device, a.random_weights)
-    return Orchestrator.bind(a, encoder, decoder)
+    store = ImageStoreDeployment.bind(a.image_url_store_bytes, a.image_url_store_images, a.image_url_ttl_s)
+    return Orchestrator.bind(a, encoder, decoder, store)

@@ -65,6 +65,14 @@ class AppArgs(BaseModel):
                                     "estimated from their headers (8 bytes a pixel); requests wait for room")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1/* ($BAGEL_API_KEY)")
     limits: Limits = Field(default_factory=Limits)
+    image_url_ttl_s: float = Field(3600.0, gt=0, description="how long an image of response_format 'url' stays "
+                                   "available (OpenAI: 60 minutes)")
+    image_url_store_bytes: int = Field(512 * 2**20, ge=2**20, description="memory for those images; beyond it "
+                                       "the oldest go early")
+    image_url_store_images: int = Field(1000, ge=1, description="images kept for URLs at most")
+    preview_decoder: Literal["linear", "vae"] = Field(
+        "linear", description="partial images: 'linear' (a latent-to-RGB map, 1/8 size, ~free) or 'vae' (the "
+        "VAE decoder, full size, one decode per preview)")
     compile: bool | None = Field(None, description="fused torch.compile'd elementwise kernels in the stages "
                                  "(null: on when the stages use CUDA)")
     fp8: bool = Field(False, description="APPROXIMATE: FP8 GEMMs for the generation expert's MLP (GPUs with FP8 "

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from bagel_model.config import BagelConfig
 from bagel_model.demo import checkpoint_or_demo, random_module
+from bagel_model.latent_rgb import fit_latent_rgb
 from bagel_model.loader import load_vae
 from bagel_model.vae import AutoEncoder
 
@@ -28,10 +29,17 @@ class Decoder:
         checkpoint_dir = checkpoint_or_demo(checkpoint_dir)
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         self.vae = vae_of(checkpoint_dir, config, self.device, random_weights)
+        self._latent_rgb: Tensor | None = None
 
     @torch.inference_mode()
     def decode(self, latent: Tensor) -> Tensor:
         return self.vae.decode(latent).float().cpu()
+
+    def latent_rgb_map(self) -> Tensor:
+        """The VAE's linear latent-to-RGB map for cheap previews, fitted on first use."""
+        if self._latent_rgb is None:
+            self._latent_rgb = fit_latent_rgb(self.vae)
+        return self._latent_rgb
 
     def check_health(self) -> None:
         if self.device.type == "cuda":

@@ -11,6 +11,7 @@ while stage k+1 works on another; with one stage they are packed into one call.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import ray
 import torch
@@ -33,6 +34,7 @@ class ClusterExecutor:
         self.encoder, self.decoder = encoder, decoder
         self.split_branches = len(stages.workers) > 1 if split_branches is None else split_branches
         self._in_flight: dict[str, list[tuple[int, ray.ObjectRef]]] = {}  # image key -> its last step
+        self._latent_rgb: Tensor | None = None  # the decoder's preview map, asked for once
 
     def prefill(self, segments: list[Segment]) -> None:
         self.stages.run([segments])
@@ -61,6 +63,11 @@ class ClusterExecutor:
         del self._in_flight[key]
         return StepOutput(x=self.stages.wait(submitted)[-1])
 
+    def predicted_clean(self, context_id: str) -> Callable[[], Tensor]:
+        """Asked of the last stage, which keeps the image's state, queued behind the step."""
+        ref = self.stages.call_last("predicted_clean", context_id)
+        return lambda: ray.get(ref)
+
     def fork(self, src: str, dst: str) -> None:
         self.stages.broadcast("fork", src, dst)
 
@@ -84,3 +91,8 @@ class ClusterExecutor:
 
     def decode_latents(self, latent: Tensor) -> Tensor:
         return self.decoder.decode.remote(latent).result()
+
+    def latent_rgb_map(self) -> Tensor:
+        if self._latent_rgb is None:
+            self._latent_rgb = self.decoder.latent_rgb_map.remote().result()
+        return self._latent_rgb

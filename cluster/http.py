@@ -39,9 +39,9 @@ from .forms import edit_fields, json_fields
 from .jobs import Job, cancel_all
 from .knobs import web_knobs
 from .normalize import parse, problems_error, validation_problems
-from .protocol import ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest, ResponseOptions
-from .responses import (ChatCompletion, ErrorResponse, ImagesResponse, ModelCard, ModelList,
-                        check_response_options)
+from .image_encoding import MEDIA_TYPES
+from .protocol import ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest, ImageResponseFields
+from .responses import ChatCompletion, ErrorResponse, ImagesResponse, ModelCard, ModelList
 from .service import BagelService
 from .sse import chat_chunks, image_events, sse_response
 
@@ -155,14 +155,26 @@ REQUEST_MODELS = (ImageGenerationRequest, ImageEditRequest, ChatCompletionReques
 async def images_generations(request: Request, service: Service) -> Response:
     fields = await read_json(request)
     body, (task, n) = await off_loop(request, _parsed, fields, ImageGenerationRequest, service.limits)
-    return await _images(service, task, n, body.stream, body.response_options())
+    return await _images(service, body, task, n, "image_generation", request)
 
 
 @api.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=_body(ImageEditRequest, True), **API)
 async def images_edits(request: Request, service: Service) -> Response:
     fields = await edit_fields(request, service.limits)
     body, (task, n) = await off_loop(request, _parsed, fields, ImageEditRequest, service.limits)
-    return await _images(service, task, n, body.stream, body.response_options())
+    return await _images(service, body, task, n, "image_edit", request)
+
+
+@router.get("/v1/images/files/{image_id}", responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}},
+                                                      404: {"model": ErrorResponse}})
+async def image_file(image_id: str, service: Service) -> Response:
+    """An image made with response_format 'url', while it lasts (no API key: the id is the key)."""
+    found = await service.image_store.get(image_id)
+    if found is None:
+        return json_response(ErrorResponse.of("no such image: unknown or expired (images are kept "
+                                              f"{service.args.image_url_ttl_s:.0f} s)", "invalid_request_error"), 404)
+    data, media_type, left_s = found
+    return Response(data, media_type=media_type, headers={"Cache-Control": f"private, max-age={int(left_s)}"})
 
 
 @api.post("/v1/chat/completions", response_model=ChatCompletion, openapi_extra=_body(ChatCompletionRequest),
@@ -177,12 +189,18 @@ async def chat_completions(request: Request, service: Service) -> Response:
     return json_response(ChatCompletion.of(completion_id, created, service.model_name, await _results(jobs)))
 
 
-async def _images(service: BagelService, task: ImageTask, n: int, stream: bool, options: ResponseOptions) -> Response:
-    check_response_options(options)
+async def _images(service: BagelService, body: ImageResponseFields, task: ImageTask, n: int, kind: str,
+                  request: Request) -> Response:
+    """`kind`: "image_generation" or "image_edit", as OpenAI names the stream events."""
     jobs = await service.start_images(task, n)
-    if stream:
-        return sse_response(image_events(jobs))
-    return json_response(ImagesResponse.of(await _results(jobs)))
+    if body.stream:
+        return sse_response(image_events(jobs, kind, body.quality_name, task.output.format))
+    outputs = await _results(jobs)
+    urls = None
+    if body.response_format == "url":
+        ids = [await service.image_store.put(o.data, MEDIA_TYPES[o.output_format]) for o in outputs]
+        urls = [str(request.url_for("image_file", image_id=i)) for i in ids]
+    return json_response(ImagesResponse.of(outputs, body.quality_name, urls))
 
 
 async def _results(jobs: list[Job]) -> list:

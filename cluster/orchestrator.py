@@ -22,8 +22,8 @@ def _replica_service() -> BagelService:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(create_app(_replica_service))
 class Orchestrator:
-    def __init__(self, args: AppArgs, encoder, decoder):
-        self.service = BagelService(args, encoder, decoder)
+    def __init__(self, args: AppArgs, encoder, decoder, image_store=None):
+        self.service = BagelService(args, encoder, decoder, image_store=image_store)
 
     async def generate(self, task: ImageTask) -> ImageOutput:
         """Generate one image (text-to-image, editing, interleaved inputs)."""

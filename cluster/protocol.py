@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
@@ -18,6 +18,7 @@ from pipelines.params import CHAT_DEFAULTS, EDIT_DEFAULTS, ImageParams, TextPara
 
 from .api import ImageTask, TextTask
 from .args import Limits
+from .image_encoding import OutputFormat
 from .inputs import inspect_image
 
 class _Strict(BaseModel):
@@ -68,45 +69,61 @@ class ImageKnobs(_SamplerKnobs):
                        temperature=base.temperature if temperature is None else temperature)
 
 
-@dataclass(frozen=True)
-class ResponseOptions:
-    """How the images go back (OpenAI's fields, passed through unchanged; see
-    responses.check_response_options for what is implemented)."""
-
-    response_format: str | None = None
-    output_format: str | None = None
-    output_compression: int | None = None
-    partial_images: int | None = None
-    quality: str | None = None
+# OpenAI's `quality` as BAGEL's num_timesteps (schedule points; the official default is 50).
+# "auto" (or none) keeps the task's default; "standard" and "hd" are DALL-E 3's names.
+QUALITY_STEPS = {"low": 20, "medium": 30, "high": 50, "xhigh": 75, "max": 100, "standard": 50, "hd": 75}
+QUALITY_NAMES = {"standard": "high", "hd": "xhigh"}  # as reported back (OpenAI's current names)
 
 
 class ImageResponseFields(ImageKnobs):
-    """OpenAI's images fields shared by generations and edits, and the thought's decoding."""
+    """OpenAI's images fields shared by generations and edits, how the images go back, and the
+    thought's decoding."""
 
     prompt: str = Field(min_length=1)
     do_sample: bool | None = Field(None, description="sample the thought (default: greedy)")
     text_temperature: float | None = Field(None, ge=0, description=f"temperature of a sampled thought "
                                            f"(default {TextParams().temperature})")
-    stream: bool = Field(False, description="server-sent events: progress per step, then the image")
+    stream: bool = Field(False, description="server-sent events: progress per step, previews, then the image")
     model: str | None = None
     n: int = Field(1, ge=1, description="images; up to the service's limits.max_n")
     size: str | None = Field(None, description="'WIDTHxHEIGHT', multiples of 16, or 'auto'; default the model's "
                              "largest square, or an input image's size")
-    response_format: Literal["url", "b64_json"] | None = None
-    output_format: Literal["png", "jpeg", "webp", "gif", "svg"] | None = None
-    output_compression: int | None = Field(None, ge=0, le=100)
-    partial_images: int | None = Field(None, ge=0, le=3)
-    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = None
+    response_format: Literal["url", "b64_json"] | None = Field(
+        None, description="b64_json (default), or url: a link to the image, kept image_url_ttl_s seconds (not "
+        "with stream)")
+    output_format: Literal["png", "jpeg", "webp", "gif", "svg"] | None = Field(
+        None, description="png (default), jpeg or webp")
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg / webp quality (default 100)")
+    partial_images: int | None = Field(None, ge=0, le=3, description="with stream: previews of the image in the "
+                                       "making, sent as image_generation.partial_image / image_edit.partial_image")
+    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = Field(
+        None, description="num_timesteps: " + ", ".join(f"{q} {n}" for q, n in QUALITY_STEPS.items())
+        + f"; auto: the default ({ImageParams().num_timesteps}). With num_timesteps too, the two must agree")
 
-    def response_options(self) -> ResponseOptions:
-        return ResponseOptions(self.response_format, self.output_format, self.output_compression,
-                               self.partial_images, self.quality)
+    @property
+    def quality_name(self) -> str:
+        """The quality as OpenAI's responses name it."""
+        return QUALITY_NAMES.get(self.quality, self.quality or "auto")
 
     def _task(self, items: list, base: ImageParams, limits: Limits) -> tuple[ImageTask, int]:
         _check_text(self.prompt, limits)
         _check_n(self.n, limits)
+        if self.response_format == "url" and self.stream:
+            raise InvalidRequest("response_format 'url' cannot be streamed: streamed images come as b64_json",
+                                 param="response_format")
         thought = self.thought_params(limits, bool(self.do_sample), self.text_temperature)
-        return self.image_task([*items, self.prompt], base, limits, self.size, thought), self.n
+        task = self.image_task([*items, self.prompt], base, limits, self.size, thought)
+        steps = QUALITY_STEPS.get(self.quality)
+        if steps is not None:
+            if self.num_timesteps is not None and self.num_timesteps != steps:
+                raise InvalidRequest(f"quality {self.quality!r} means num_timesteps {steps}, but num_timesteps is "
+                                     f"{self.num_timesteps}: send one of them", param="quality,num_timesteps")
+            if steps > limits.max_num_timesteps:
+                raise InvalidRequest(f"quality {self.quality!r} ({steps} timesteps) exceeds this service's "
+                                     f"max_num_timesteps {limits.max_num_timesteps}", param="quality")
+            task = replace(task, params=replace(task.params, num_timesteps=steps))
+        output = OutputFormat(self.output_format or "png", self.output_compression).validate()
+        return replace(task, output=output, previews=(self.partial_images or 0) if self.stream else 0), self.n
 
 
 class ImageGenerationRequest(ImageResponseFields):

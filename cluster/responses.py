@@ -9,23 +9,22 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_serializer
 
-from bagel_model.errors import InvalidRequest
-
 from .api import ImageOutput, TextOutput
-from .protocol import ResponseOptions
+from .image_encoding import MEDIA_TYPES
 
 
 class ImageData(BaseModel):
-    b64_json: str = Field(description="the PNG, base64")
+    b64_json: str | None = Field(None, description="the image, base64 (response_format b64_json)")
+    url: str | None = Field(None, description="where to fetch the image (response_format url), for a while")
     revised_prompt: str | None = Field(None, description="the thought, in think mode")
     seed: int
     width: int
     height: int
 
     @classmethod
-    def of(cls, output: ImageOutput) -> ImageData:
-        return cls(b64_json=base64.b64encode(output.png).decode(), revised_prompt=output.thought,
-                   seed=output.seed, width=output.width, height=output.height)
+    def of(cls, output: ImageOutput, url: str | None = None) -> ImageData:
+        return cls(b64_json=None if url else base64.b64encode(output.data).decode(), url=url,
+                   revised_prompt=output.thought, seed=output.seed, width=output.width, height=output.height)
 
 
 class ImagesResponse(BaseModel):
@@ -33,33 +32,73 @@ class ImagesResponse(BaseModel):
 
     created: int
     data: list[ImageData]
+    background: Literal["opaque"] = "opaque"
+    output_format: str
+    quality: str
+    size: str = Field(description="WIDTHxHEIGHT of the images")
 
     @classmethod
-    def of(cls, outputs: list[ImageOutput]) -> ImagesResponse:
-        return cls(created=int(time.time()), data=[ImageData.of(o) for o in outputs])
+    def of(cls, outputs: list[ImageOutput], quality: str, urls: list[str] | None = None) -> ImagesResponse:
+        first = outputs[0]
+        data = [ImageData.of(o, u) for o, u in zip(outputs, urls or [None] * len(outputs))]
+        return cls(created=int(time.time()), data=data, output_format=first.output_format, quality=quality,
+                   size=f"{first.width}x{first.height}")
 
 
-def check_response_options(options: ResponseOptions) -> None:
-    """Refuse, before any work, what the images response cannot do yet (nothing is silently
-    ignored): the images come back as base64 PNG, each in one piece."""
-    unsupported = [(name, value) for name, value, ok in (
-        ("response_format", options.response_format, options.response_format in (None, "b64_json")),
-        ("output_format", options.output_format, options.output_format in (None, "png")),
-        ("partial_images", options.partial_images, not options.partial_images),
-    ) if not ok]
-    if unsupported:
-        raise InvalidRequest("; ".join(f"{name} {value!r} is not supported yet" for name, value in unsupported),
-                             param=",".join(name for name, _ in unsupported))
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int
 
 
-class ImagesStreamEnd(ImagesResponse):
-    """The last event of a streamed image request (before [DONE]): the images."""
+class ImagesUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    total_tokens: int
 
-    type: Literal["image"] = "image"
+    @classmethod
+    def of(cls, output: ImageOutput) -> ImagesUsage:
+        """The image's latent tokens (one per 16x16 pixels) as its output tokens; the prompt's
+        token counts are not measured yet (0)."""
+        generated = output.width * output.height // 256
+        return cls(input_tokens=0, input_tokens_details=InputTokensDetails(text_tokens=0, image_tokens=0),
+                   output_tokens=generated, total_tokens=generated)
+
+
+class ImageStreamEvent(BaseModel):
+    """OpenAI's image stream events (`image_generation.*` or `image_edit.*`), plus `index`: which
+    of the n images it belongs to."""
+
+    type: str
+    b64_json: str
+    created_at: int
+    size: str = Field(description="WIDTHxHEIGHT of the final image")
+    quality: str
+    background: Literal["opaque"] = "opaque"
+    output_format: str
+    index: int
+
+
+class ImagePartialEvent(ImageStreamEvent):
+    """A preview (`<route>.partial_image`), after step `step` of `num_steps`."""
+
+    partial_image_index: int
+    step: int
+    num_steps: int
+
+
+class ImageCompletedEvent(ImageStreamEvent):
+    """The image (`<route>.completed`)."""
+
+    usage: ImagesUsage
+    seed: int
+    width: int
+    height: int
+    revised_prompt: str | None = None
 
 
 class ImageURLContent(BaseModel):
-    url: str = Field(description="a data URL of the PNG")
+    url: str = Field(description="a data URL of the image")
 
 
 class ImagePart(BaseModel):
@@ -68,7 +107,8 @@ class ImagePart(BaseModel):
 
     @classmethod
     def of(cls, output: ImageOutput) -> ImagePart:
-        return cls(image_url=ImageURLContent(url="data:image/png;base64," + base64.b64encode(output.png).decode()))
+        return cls(image_url=ImageURLContent(url=f"data:{MEDIA_TYPES[output.output_format]};base64,"
+                                                 + base64.b64encode(output.data).decode()))
 
 
 class TextPart(BaseModel):

@@ -10,7 +10,7 @@ logger with its id: admitted, then finished (outcome, latency) or failed (error)
 from __future__ import annotations
 
 import asyncio
-import io
+import base64
 import logging
 import secrets
 import time
@@ -20,12 +20,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import ray
+from PIL import Image
 
 from bagel_model.config import BagelConfig
 from bagel_model.demo import DEMO_LABEL, checkpoint_or_demo, is_demo_checkpoint
 from bagel_model.errors import BagelError, InvalidRequest
 from bagel_model.tokenizer import BagelTokenizer
 from pipelines.noise import NoiseSource, random_seed
+from pipelines.previews import Preview, PreviewRenderer
 from pipelines.tasks import generate_image, understand
 
 from .admission import Admission, kv_bytes_estimate
@@ -34,6 +36,8 @@ from .args import AppArgs, approximate_modes
 from .devices import placed_device, resolve_dtype
 from .errors import Cancelled, StageFailed, describe
 from .executor import ClusterExecutor
+from .image_encoding import encode_image
+from .image_store import ImageStore, StoreClient
 from .inputs import checked_items, decoded, decoded_bytes
 from .jobs import Job, cancel_all
 from .metrics import Metrics
@@ -44,8 +48,10 @@ log = logging.getLogger("ray.serve")
 
 
 class BagelService:
-    def __init__(self, args: AppArgs, encoder, decoder, make_stages: Callable[[], StageGroup] | None = None):
-        """`make_stages` builds the stage group (default: from `args`; tests inject their own)."""
+    def __init__(self, args: AppArgs, encoder, decoder, make_stages: Callable[[], StageGroup] | None = None,
+                 image_store=None):
+        """`make_stages` builds the stage group (default: from `args`; tests inject their own);
+        `image_store`: the application's `ImageStoreDeployment` (default: a store in this process)."""
         self.args, self.limits = args, args.limits
         self.checkpoint = str(checkpoint_or_demo(args.checkpoint_dir))
         self.is_demo = is_demo_checkpoint(self.checkpoint)
@@ -59,6 +65,9 @@ class BagelService:
         self.executor = ClusterExecutor(self.config, self.tokenizer, self.stages, encoder, decoder,
                                         args.split_branches)
         self.pool = ThreadPoolExecutor(args.max_concurrent_requests, thread_name_prefix="request")
+        self.preview_pool = ThreadPoolExecutor(args.max_concurrent_requests, thread_name_prefix="preview")
+        self.image_store = StoreClient(image_store or ImageStore(args.image_url_store_bytes,
+                                                                 args.image_url_store_images, args.image_url_ttl_s))
         self.admission = Admission(args.max_concurrent_requests, args.max_queued_requests,
                                    args.kv_cache_bytes, args.retry_after_s, args.image_memory_bytes)
         self.metrics = Metrics()
@@ -175,16 +184,34 @@ class BagelService:
 
     def _image_work(self, task: ImageTask, job: Job) -> ImageOutput:
         seed = task.seed if task.seed is not None else random_seed()
-        result = generate_image(
-            self.executor, decoded(task.items), task.params, think=task.think, text_params=task.text_params,
-            noise=NoiseSource(seed), negative_prompt=task.negative_prompt,
-            on_step=lambda p: job.emit({"type": "progress", "step": p.step, "num_steps": p.num_steps}),
-            on_text=lambda delta: job.emit({"type": "thought", "delta": delta}),
-        )
-        buf = io.BytesIO()
-        result.image.save(buf, format="PNG", compress_level=1)  # lossless, and the fastest level to encode
+        previews = self._preview_renderer(task, job) if task.previews else None
+        try:
+            result = generate_image(
+                self.executor, decoded(task.items), task.params, think=task.think, text_params=task.text_params,
+                noise=NoiseSource(seed), negative_prompt=task.negative_prompt,
+                on_step=lambda p: job.emit({"type": "progress", "step": p.step, "num_steps": p.num_steps}),
+                on_text=lambda delta: job.emit({"type": "thought", "delta": delta}),
+                previews=task.previews, on_preview=previews,
+            )
+            data = encode_image(result.image, task.output)
+            if previews is not None:
+                previews.wait()  # every preview is sent before the image
+        except BaseException:
+            if previews is not None:
+                previews.cancel()
+            raise
         thought = result.thought.text if result.thought else None
-        return ImageOutput(buf.getvalue(), result.image.width, result.image.height, seed, thought)
+        return ImageOutput(data, result.image.width, result.image.height, seed, thought, task.output.format)
+
+    def _preview_renderer(self, task: ImageTask, job: Job) -> PreviewRenderer:
+        """Previews rendered on the preview threads, sent as `partial_image` events in the
+        image's output format."""
+        def send(preview: Preview, image: Image.Image) -> None:
+            job.emit({"type": "partial_image", "partial_image_index": preview.index, "step": preview.step,
+                      "num_steps": preview.num_steps, "width": preview.width, "height": preview.height,
+                      "b64_json": base64.b64encode(encode_image(image, task.output)).decode()})
+
+        return PreviewRenderer(self.executor, self.args.preview_decoder, self.preview_pool, send)
 
     def _text_work(self, task: TextTask, job: Job) -> TextOutput:
         result = understand(self.executor, decoded(task.items), task.params, think=task.think, seed=task.seed,

@@ -5,7 +5,9 @@ Closing a stream (the client went away) cancels its jobs, which stop at their ne
 """
 from __future__ import annotations
 
+import base64
 import json
+import time
 from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
@@ -13,11 +15,11 @@ from pydantic import BaseModel
 
 from bagel_model.errors import BagelError
 
-from .errors import status_of
 from .api import ImageOutput
+from .errors import status_of
 from .jobs import Job, cancel_all
-from .responses import (ChatCompletionChunk, ChatDelta, ChunkChoice, ErrorInfo, ImagesStreamEnd, StepProgress,
-                        StreamError, Usage, image_content)
+from .responses import (ChatCompletionChunk, ChatDelta, ChunkChoice, ErrorInfo, ImageCompletedEvent,
+                        ImagePartialEvent, ImagesUsage, StepProgress, StreamError, Usage, image_content)
 
 Event = BaseModel | dict
 
@@ -40,14 +42,27 @@ def _data(event: Event) -> str:
     return f"data: {event.model_dump_json() if isinstance(event, BaseModel) else json.dumps(event)}\n\n"
 
 
-async def image_events(jobs: list[Job]) -> AsyncIterator[Event]:
-    """Each image's work events in turn (`started`, `thought`, `progress`, with its `index`),
-    then one `image` event with all images."""
+async def image_events(jobs: list[Job], kind: str, quality: str, output_format: str) -> AsyncIterator[Event]:
+    """Each image in turn: its work events (`started`, `thought`, `progress`: ours; OpenAI's
+    clients skip types they do not know), its previews as OpenAI's `<kind>.partial_image`
+    events, then the image as `<kind>.completed` (`kind`: "image_generation" or "image_edit").
+    Every event carries the image's `index`."""
     try:
         for index, job in enumerate(jobs):
             async for event in job.stream():
-                yield {**event, "index": index}
-        yield ImagesStreamEnd.of([job.future.result() for job in jobs])
+                if event["type"] == "partial_image":
+                    yield ImagePartialEvent(
+                        type=f"{kind}.partial_image", created_at=int(time.time()), quality=quality,
+                        output_format=output_format, index=index, size=f"{event['width']}x{event['height']}",
+                        **{k: event[k] for k in ("b64_json", "partial_image_index", "step", "num_steps")})
+                else:
+                    yield {**event, "index": index}
+            output: ImageOutput = job.future.result()
+            yield ImageCompletedEvent(
+                type=f"{kind}.completed", b64_json=base64.b64encode(output.data).decode(), created_at=int(time.time()),
+                size=f"{output.width}x{output.height}", quality=quality, output_format=output.output_format,
+                index=index, usage=ImagesUsage.of(output), seed=output.seed, width=output.width, height=output.height,
+                revised_prompt=output.thought)
     finally:
         cancel_all(jobs)
 

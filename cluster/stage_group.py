@@ -110,6 +110,11 @@ class StageGroup:
         """Run micro-batches concurrently through the pipeline; per batch, per segment outputs."""
         return self.wait([self.submit(b) for b in batches])
 
+    def call_last(self, method: str, *args) -> ray.ObjectRef:
+        """Queue a call on the last stage behind every micro-batch submitted so far."""
+        with self._lock:
+            return getattr(self.workers[-1], method).remote(*args)
+
     def broadcast(self, method: str, *args) -> list:
         """Call a method on every stage (in micro-batch order) and wait."""
         with self._lock:

@@ -113,6 +113,11 @@ class StageWorker:
             return out.x.cpu()
         return None if self.spec.is_first else out.x.to(self.runner.stage.dtype).cpu()
 
+    def predicted_clean(self, key: str) -> Tensor:
+        """Last stage: the clean latents the image's last applied step predicts (for a preview;
+        queued right behind that step, so it never holds up the next one for long)."""
+        return self.samplers.predicted_clean(key).float().cpu()
+
     def fork(self, src: str, dst: str) -> None:
         self.runner.fork(src, dst)
 

@@ -7,6 +7,7 @@ protocol over Ray (cluster/executor.py).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -36,6 +37,11 @@ class Executor(Protocol):
         carry the initial latents, later ones none: the executor keeps the latents between
         steps and applies `step` to them."""
 
+    def predicted_clean(self, context_id: str) -> Callable[[], Tensor]:
+        """For previews: the clean latent tokens [h*w, patch_latent_dim] (float32, CPU) that the
+        last step applied to the image named by `context_id` predicts (x_t - t * v). Asking
+        never waits for that step; calling the returned function does."""
+
     def fork(self, src: str, dst: str) -> None:
         """Context `dst` becomes a copy of `src` (empty if `src` has no cache)."""
 
@@ -54,3 +60,6 @@ class Executor(Protocol):
 
     def decode_latents(self, latent: Tensor) -> Tensor:
         """Scaled latent [1, z, H/8, W/8] -> raw decoder output [1, 3, H, W] (float32)."""
+
+    def latent_rgb_map(self) -> Tensor:
+        """The VAE's linear latent-to-RGB map [z + 1, 3] (bagel_model/latent_rgb.py), fitted once."""

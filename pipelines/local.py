@@ -2,6 +2,7 @@
 after another."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from bagel_model.config import BagelConfig
 from bagel_model.fp8 import quantize_gen_mlp
 from bagel_model.kernels import EAGER, Kernels
 from bagel_model.kv_cache import KVCache
+from bagel_model.latent_rgb import fit_latent_rgb
 from bagel_model.loader import load_stage, load_vae, load_vision_encoder
 from bagel_model.model import BagelStage
 from bagel_model.runner import StageRunner
@@ -36,6 +38,7 @@ class LocalExecutor:
                         for s in stages]
         self.device = stages[-1].device
         self.samplers = SamplerStates(self.device)
+        self._latent_rgb: Tensor | None = None  # fitted on first use (previews)
 
     @property
     def caches(self) -> list[KVCache]:
@@ -82,6 +85,18 @@ class LocalExecutor:
         velocities = self._run(self.samplers.fill(parts, segments))
         return self.samplers.collect(parts, velocities)[key]
 
+    def predicted_clean(self, context_id: str) -> Callable[[], Tensor]:
+        """On a GPU the copy to the host is queued behind the step, so the next step's kernels
+        are queued without waiting for it; the returned function waits."""
+        clean = self.samplers.predicted_clean(context_id)
+        if clean.device.type != "cuda":
+            return lambda: clean
+        host = torch.empty(clean.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(clean, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return lambda: (copied.synchronize(), host)[1]
+
     def fork(self, src: str, dst: str) -> None:
         for runner in self.runners:
             runner.fork(src, dst)
@@ -106,3 +121,8 @@ class LocalExecutor:
     @torch.inference_mode()
     def decode_latents(self, latent: Tensor) -> Tensor:
         return self.vae.decode(latent.to(self.vae.encoder.conv_in.weight.device)).float()
+
+    def latent_rgb_map(self) -> Tensor:
+        if self._latent_rgb is None:
+            self._latent_rgb = fit_latent_rgb(self.vae)
+        return self._latent_rgb

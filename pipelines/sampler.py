@@ -18,17 +18,20 @@ from .context import Context
 from .executor import Executor
 from .guidance import Branch, branches_for_step
 from .params import ImageParams
+from .previews import preview_steps
 from .schedule import timesteps
 from .step import EulerStep, StepProgress
 
 
 def sample_image(executor: Executor, contexts: dict[Branch, Context], grid: tuple[int, int],
                  params: ImageParams, x: Tensor,
-                 on_step: Callable[[StepProgress], None] | None = None) -> Tensor:
-    """Denoise latent tokens `x` [h*w, patch_latent_dim] from t = 1 to 0; returns them (float32)."""
+                 on_step: Callable[[StepProgress], None] | None = None, previews: int = 0) -> Tensor:
+    """Denoise latent tokens `x` [h*w, patch_latent_dim] from t = 1 to 0; returns them (float32).
+    `previews`: that many steps, evenly spread, report their predicted clean latents to `on_step`."""
     ts = timesteps(params.num_timesteps, params.timestep_shift)
     x = x.float()
     num_steps = len(ts) - 1
+    preview_at = set(preview_steps(num_steps, previews))
     identical = contexts[Branch.CFG_IMG].history == contexts[Branch.COND].history
     guided = 0  # guided steps so far
     for i in range(num_steps):
@@ -47,6 +50,7 @@ def sample_image(executor: Executor, contexts: dict[Branch, Context], grid: tupl
         latents = x if i == 0 else None
         segments = [Segment.noise(contexts[b].context_id, latents, grid, t, contexts[b].rope_pos) for b in run]
         out = executor.denoise(segments, step)
+        clean = executor.predicted_clean(contexts[Branch.COND].context_id) if i in preview_at else None
         if on_step is not None:
-            on_step(StepProgress(i + 1, num_steps, t, out.velocities, out.v, out.x))
+            on_step(StepProgress(i + 1, num_steps, t, out.velocities, out.v, out.x, clean))
     return out.x

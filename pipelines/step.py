@@ -12,7 +12,7 @@ carry several images, and one image's branches may come in several forwards.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -70,6 +70,7 @@ class StepProgress:
     velocities: dict[Branch, Tensor] | None
     v: Tensor | None
     x: Tensor | None
+    clean: Callable[[], Tensor] | None = None  # preview steps: the predicted clean latent tokens (waits for them)
 
 
 @dataclass

@@ -7,6 +7,7 @@ however it ends.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from .executor import Executor
 from .guidance import Branch
 from .noise import NoiseSource
 from .params import ImageParams, TextParams
+from .previews import Preview
 from .sampler import sample_image
 from .step import StepProgress
 from .text import TextStream, generate_text
@@ -57,13 +59,16 @@ def generate_image(executor: Executor, items: list[Item], params: ImageParams, *
                    text_params: TextParams = TextParams(), noise: NoiseSource | None = None,
                    negative_prompt: str | None = None, request_id: str | None = None,
                    on_step: Callable[[StepProgress], None] | None = None,
-                   on_text: Callable[[str], None] | None = None) -> ImageResult:
+                   on_text: Callable[[str], None] | None = None,
+                   previews: int = 0, on_preview: Callable[[Preview], None] | None = None) -> ImageResult:
     """Text-to-image (items = [prompt]), editing ([image, prompt]) or any interleaving.
 
     The output has params' height and width; where unset, the (last) input image's size, else
     the model's largest square. A `negative_prompt` is appended to the text-free guidance
     branch, which otherwise holds only what precedes the last text (nothing, for
-    text-to-image): guidance then pushes away from it; empty or None is the official sampler."""
+    text-to-image): guidance then pushes away from it; empty or None is the official sampler.
+    `previews`: up to that many `Preview`s of the image in the making go to `on_preview`
+    (pipelines/previews.py); they do not change the result."""
     cfg, tok = executor.config, executor.tokenizer
     items = _prompt_items(items, tok, need_text=True)
     negative = tok.clean_prompt(negative_prompt or "").strip()
@@ -92,10 +97,30 @@ def generate_image(executor: Executor, items: list[Item], params: ImageParams, *
         grid = cfg.latent_grid(*size)
         x = noise.randn(grid[0] * grid[1], cfg.patch_latent_dim)
         contexts = {Branch.COND: cond, Branch.CFG_TEXT: cfg_text, Branch.CFG_IMG: cfg_img}
-        x = sample_image(executor, contexts, grid, params, x, on_step)
+        x = sample_image(executor, contexts, grid, params, x, _with_previews(on_step, on_preview, grid, cfg),
+                         previews if on_preview is not None else 0)
     latent = unpatchify(x.float().cpu(), *grid, p=cfg.latent_patch_size, channels=cfg.latent_channels)
     decoded = executor.decode_latents(latent)
     return ImageResult(Image.fromarray(to_uint8(decoded.cpu()).numpy()), x.float().cpu(), thought)
+
+
+def _with_previews(on_step: Callable[[StepProgress], None] | None, on_preview: Callable[[Preview], None] | None,
+                   grid: tuple[int, int], cfg) -> Callable[[StepProgress], None] | None:
+    """`on_step`, plus a `Preview` to `on_preview` for each step that carries clean latents."""
+    if on_preview is None:
+        return on_step
+    count = itertools.count()
+
+    def step(progress: StepProgress) -> None:
+        if progress.clean is not None:
+            clean = progress.clean
+            on_preview(Preview(next(count), progress.step, progress.num_steps, grid[1] * cfg.latent_downsample,
+                               grid[0] * cfg.latent_downsample,
+                               lambda: unpatchify(clean(), *grid, p=cfg.latent_patch_size, channels=cfg.latent_channels)))
+        if on_step is not None:
+            on_step(progress)
+
+    return step
 
 
 def understand(executor: Executor, items: list[Item], text_params: TextParams = TextParams(), *,

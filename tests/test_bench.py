@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from bagel_model.config import BagelConfig
-from bench import kernels, latency
+from bench import kernels, latency, previews
 from bench.report import quant_tables as report_tables
 
 
@@ -109,3 +109,17 @@ def test_quant_benchmark_stops_at_its_time_budget(checkpoint_dir, tmp_path):
     report = json.loads((tmp_path / "quant.json").read_text())
     assert set(report["runs"]) == {"bf16"}
     assert report["skipped"] == ["int8 layer errors", "fp8 layer errors", "int8", "fp8", "fp8 kernels"]
+def test_previews_benchmark_measures_both_decoders(checkpoint_dir, tmp_path):
+    """No previews, then 3 through each decoder, rendered and encoded as the service does."""
+    code = previews.main(["--device", "cpu", "--checkpoint", str(checkpoint_dir), "--size", "64", "--steps", "6",
+                          "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "previews.json").read_text())
+    results = report["results"]
+    assert results["none"]["previews_per_image"] == 0 and results["none"]["extra_pct"] == 0
+    for decoder, size in (("linear", [8, 8]), ("vae", [64, 64])):
+        r = results[decoder]
+        assert r["previews_per_image"] == 3 and r["preview_steps"] == [2, 3, 4] and r["preview_size"] == size
+        assert 0 < r["decode_s_per_preview"] <= r["render_s_per_preview"]
+        assert r["end_to_end_s"]["median"] > 0 and isinstance(report["within_target"][decoder], bool)
+    assert report["linear_map_fit_s"] > 0 and len(report["linear_vs_vae_psnr_db"]) == 3

@@ -125,7 +125,7 @@ def test_kv_budget_queues_requests_instead_of_failing(app):
             assert r.status_code == 200
             events = [e for e in sse_events(r.iter_lines()) if isinstance(e, dict)]
             queue_s.append(next(e["queue_s"] for e in events if e.get("type") == "started"))
-            assert events[-1]["type"] == "image"
+            assert events[-1]["type"] == "image_edit.completed"
 
     threads = [threading.Thread(target=send) for _ in range(2)]
     for t in threads:
@@ -261,7 +261,7 @@ def malformed_requests(count: int, seed: int = 0) -> list[tuple[str, object]]:
             body["prompt"] = rng.choice(["", "   ", "\n\t", "x" * 20000])
         else:
             body.update(rng.choice([{"cfg_renorm_type": "local"}, {"cfg_interval": [0.9, 0.1]}, {"num_timesteps": 1},
-                                    {"cfg_text_scale": 0.5}, {"n": 0}, {"seed": -5}, {"response_format": "url"}]))
+                                    {"cfg_text_scale": 0.5}, {"n": 0}, {"seed": -5}, {"response_format": "png"}]))
         return "/v1/images/generations", body
 
     def edit():

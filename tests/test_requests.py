@@ -205,12 +205,23 @@ def test_http_error_names_every_field(client):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
 
-def test_http_options_not_implemented_yet_are_refused(client):
-    r = client.post("/v1/images/generations", json={"prompt": "x", "response_format": "url", "output_format": "webp"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format,output_format"
-    r = client.post("/v1/images/generations", json={"prompt": "x", "response_format": "b64_json",
-                                                     "output_format": "png", "quality": "high", "size": "auto"})
-    assert r.status_code == 429  # accepted: the stub then refuses the work
+@pytest.mark.parametrize("fields,param", [
+    ({"output_format": "gif"}, "output_format"),
+    ({"output_format": "png", "output_compression": 50}, "output_compression"),
+    ({"response_format": "url", "stream": True}, "response_format"),
+    ({"quality": "low", "num_timesteps": 30}, "quality,num_timesteps"),
+])
+def test_http_response_options_we_cannot_honour_are_refused(client, fields, param):
+    r = client.post("/v1/images/generations", json={"prompt": "x", **fields})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_http_response_options_are_accepted(client):
+    for fields in ({"response_format": "url", "output_format": "webp", "output_compression": 40},
+                   {"response_format": "b64_json", "output_format": "png", "output_compression": 100,
+                    "quality": "high", "size": "auto", "partial_images": 3, "stream": True}):
+        r = client.post("/v1/images/generations", json={"prompt": "x", **fields})
+        assert r.status_code == 429, r.text  # accepted: the stub then refuses the work
 
 
 def test_model_by_id(client):

@@ -235,10 +235,10 @@ def test_handle_text_to_image(app, cfg_img_scale, refresh):
     assert isinstance(out, ImageOutput)
     assert (out.width, out.height, out.seed, out.thought) == (64, 64, seed, None)
     expected = app.ref.t2i(PROMPT, params, seed)
-    assert_image_matches(out.png, expected, "t2i")
+    assert_image_matches(out.data, expected, "t2i")
     # The comparison discriminates: another seed's image is far from this one, and it is no flat image.
-    assert max_pixel_diff(out.png, app.ref.t2i(PROMPT, params, seed + 1).image) > 10
-    assert pixels(out.png).std() > 1.0
+    assert max_pixel_diff(out.data, app.ref.t2i(PROMPT, params, seed + 1).image) > 10
+    assert pixels(out.data).std() > 1.0
 
 
 def test_handle_edit(app):
@@ -246,7 +246,7 @@ def test_handle_edit(app):
     out = app.handle.generate.remote(ImageTask([app.input_png, EDIT_PROMPT], EDIT, seed=seed)).result(timeout_s=120)
     expected = app.ref.edit(EDIT_PROMPT, EDIT, seed)
     assert (out.width, out.height) == expected.image.size
-    assert_image_matches(out.png, expected, "edit")
+    assert_image_matches(out.data, expected, "edit")
 
 
 def test_handle_understand(app):
@@ -268,7 +268,7 @@ def test_handle_think(app):
     expected = app.ref.t2i(PROMPT, params, seed, THINK_TOKENS)
     assert expected.thought is not None and expected.thought.text.strip()
     assert out.thought == expected.thought.text
-    assert_image_matches(out.png, expected, "think")
+    assert_image_matches(out.data, expected, "think")
 
 
 # -- parity through HTTP -----------------------------------------------------------------------
@@ -380,11 +380,12 @@ def test_concurrent_mixed_requests(app):
 # -- streaming ---------------------------------------------------------------------------------
 
 def image_stream(events: list) -> tuple[list[dict], dict]:
-    """The work events (thought deltas, progress) and the image event of a one-image stream,
-    checking its frame: an optional "started" notice first, then the work, then one image
-    event, then [DONE]; every event of image 0."""
+    """The work events (thought deltas, progress) and the completed event of a one-image
+    stream, checking its frame: an optional "started" notice first, then the work, then the
+    image (OpenAI's image_generation.completed), then [DONE]; every event of image 0."""
     assert events[-1] == "[DONE]", events[-3:]
-    assert isinstance(events[-2], dict) and events[-2]["type"] == "image", events[-3:]
+    assert isinstance(events[-2], dict) and events[-2]["type"] == "image_generation.completed", events[-3:]
+    assert events[-2]["index"] == 0
     body = events[:-2]
     assert all(e["type"] in ("started", "thought", "progress") for e in body), [e["type"] for e in body]
     assert all(e["index"] == 0 for e in body)
@@ -402,9 +403,8 @@ def test_sse_generation(app):
     work, image = image_stream(events)
     n = STEPS - 1
     assert [(e["type"], e["step"], e["num_steps"]) for e in work] == [("progress", i, n) for i in range(1, n + 1)]
-    [item] = image["data"]
-    assert item["seed"] == seed
-    assert_image_matches(item["b64_json"], app.ref.t2i(PROMPT, T2I, seed), "streamed t2i")
+    assert (image["seed"], image["size"], image["output_format"]) == (seed, "64x64", "png")
+    assert_image_matches(image["b64_json"], app.ref.t2i(PROMPT, T2I, seed), "streamed t2i")
 
 
 def test_sse_think(app):
@@ -421,8 +421,8 @@ def test_sse_think(app):
     assert kinds == ["thought"] * thoughts + ["progress"] * (STEPS - 1)
     assert [e["step"] for e in work[thoughts:]] == list(range(1, STEPS))
     assert "".join(e["delta"] for e in work[:thoughts]) == expected.thought.text
-    assert image["data"][0]["revised_prompt"] == expected.thought.text
-    assert_image_matches(image["data"][0]["b64_json"], expected, "streamed think")
+    assert image["revised_prompt"] == expected.thought.text
+    assert_image_matches(image["b64_json"], expected, "streamed think")
 
 
 def test_sse_chat(app):

@@ -130,7 +130,8 @@ def set_value(section, element_id: str, value: str) -> None:
 
 def wait_for_image(driver, section, what: str) -> str:
     """Waits for the result image; returns its caption ("WxH · seed N · T s")."""
-    wait(driver, lambda d: role(section, "result").is_displayed() or role(section, "error").is_displayed(), what)
+    wait(driver, lambda d: (role(section, "result").is_displayed() and role(section, "result").get_attribute(
+        "data-preview") is None) or role(section, "error").is_displayed(), what)  # the image, not a preview
     assert not role(section, "error").is_displayed(), f"{what}: the page shows an error: {role(section, 'error').text}"
     image = role(section, "image")
     assert image.get_attribute("src").startswith("data:image/png;base64,")
@@ -206,6 +207,26 @@ def test_text_to_image_with_live_progress(page):
     role(section, "to-edit").click()  # the result becomes the Edit tab's input
     edit = page.find_element(By.ID, "panel-edit")
     assert edit.is_displayed() and role(edit, "preview").get_attribute("src") == role(section, "image").get_attribute("src")
+
+
+def test_previews_show_live(page):
+    """Partial images: each preview replaces the last while the image is made, then the image."""
+    section = panel(page, "t2i")
+    role(section, "prompt").send_keys("A fox, previewed.")
+    Select(role(section, "size-preset")).select_by_value("64x64")
+    set_value(section, "t2i-num_timesteps", "100")  # 99 steps: previews after steps 25, 50 and 75
+    set_value(section, "t2i-seed", "77")
+    role(section, "run").click()
+    result = role(section, "result")
+    wait(page, lambda d: result.get_attribute("data-preview") is not None, "a preview")
+    assert role(section, "progress-box").is_displayed()  # still generating
+    assert role(section, "image").get_attribute("src").startswith("data:image/png;base64,")
+    assert role(section, "meta").text in ("Preview 1 · after step 25 of 99", "Preview 2 · after step 50 of 99")
+    shot(page, "03b-t2i-preview")
+    wait(page, lambda d: result.get_attribute("data-preview") is None
+         and role(section, "meta").text.startswith("64×64 · seed 77"), "the image after its previews")
+    assert result.get_attribute("data-previews-shown") == "3"
+    assert page.execute_script("return arguments[0].naturalWidth", role(section, "image")) == 64
 
 
 def test_progress_and_cancel(page, base_url):

@@ -29,6 +29,7 @@ const SIZE_PRESETS = [
   ["custom", "Custom (width × height)"],
 ];
 const SIDES = [64, 128, 192, 256, 320, 384, 448, 512, 576, 640, 704, 768, 832, 896, 960, 1024];
+const PREVIEWS = 3;  // partial_images: previews of the image while it is made (the most OpenAI's API allows)
 
 // -- small helpers ------------------------------------------------------------------------------
 
@@ -326,6 +327,7 @@ function setInputImage(state, image) {
 
 function clearOutput(state) {
   const f = state.form;
+  delete $(f, "result").dataset.previewsShown;
   show($(f, "error"), "");
   show($(f, "status"), "");
   $(f, "progress-box").hidden = true;
@@ -347,6 +349,7 @@ function imageBody(state) {
     else body[knob.name] = value;
   }
   if (spec.size && $(form, "width").value) body.size = `${$(form, "width").value}x${$(form, "height").value}`;
+  body.partial_images = PREVIEWS;
   if (spec.upload) body.image = state.image.dataUrl;
   return body;
 }
@@ -383,8 +386,10 @@ async function runImage(state) {
         bar.value = event.step;
         text.textContent = event.step < event.num_steps ? `Step ${event.step} of ${event.num_steps}`
           : `Step ${event.step} of ${event.num_steps} · decoding…`;
-      } else if (event.type === "image") {
-        showImage(state, event.data[0], performance.now() - started);
+      } else if (event.type.endsWith(".partial_image")) {
+        showPreview(state, event);
+      } else if (event.type.endsWith(".completed")) {
+        showImage(state, event, performance.now() - started);
         done = true;
       }
     }
@@ -401,11 +406,29 @@ async function runImage(state) {
   }
 }
 
+// A preview of the image in the making (OpenAI's partial_image event): a small picture of the
+// predicted final image, shown at the final image's size until the next preview or the image.
+function showPreview(state, event) {
+  const f = state.form;
+  const [width] = event.size.split("x").map(Number);
+  const image = $(f, "image");
+  image.src = `data:image/${event.output_format};base64,${event.b64_json}`;
+  image.style.width = `${width}px`;
+  $(f, "result").dataset.preview = String(event.partial_image_index + 1);
+  $(f, "result").dataset.previewsShown = String(event.partial_image_index + 1);
+  $(f, "meta").textContent = `Preview ${event.partial_image_index + 1} · after step ${event.step} of ${event.num_steps}`;
+  $(f, "download").hidden = true;
+  $(f, "result").hidden = false;
+}
+
 function showImage(state, item, elapsedMs) {
   const f = state.form;
-  const url = `data:image/png;base64,${item.b64_json}`;
+  const url = `data:image/${item.output_format};base64,${item.b64_json}`;
   state.lastSeed = item.seed;
   state.lastImage = url;
+  delete $(f, "result").dataset.preview;
+  $(f, "download").hidden = false;
+  $(f, "image").style.width = "";
   $(f, "image").src = url;
   $(f, "download").href = url;
   $(f, "download").download = `bagel-${state.task}-${item.seed}.png`;
