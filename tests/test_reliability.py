@@ -125,7 +125,7 @@ def test_kv_budget_queues_requests_instead_of_failing(app):
             assert r.status_code == 200
             events = [e for e in sse_events(r.iter_lines()) if isinstance(e, dict)]
             queue_s.append(next(e["queue_s"] for e in events if e.get("type") == "started"))
-            assert events[-1]["type"] == "image_edit.completed"
+            assert events[-1].get("type") == "image_edit.completed", events[-1]
 
     threads = [threading.Thread(target=send) for _ in range(2)]
     for t in threads:

@@ -29,6 +29,7 @@ from cluster.api import ImageOutput, ImageTask, TextOutput, TextTask
 from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
 from pipelines.params import EDIT_DEFAULTS, ImageParams, TextParams
+from pipelines.previews import render_preview
 from pipelines.tasks import ImageResult, TextResult, generate_image, understand
 
 from .service_app import data_url, max_pixel_diff, pixels, running_app, sse_events
@@ -405,6 +406,26 @@ def test_sse_generation(app):
     assert [(e["type"], e["step"], e["num_steps"]) for e in work] == [("progress", i, n) for i in range(1, n + 1)]
     assert (image["seed"], image["size"], image["output_format"]) == (seed, "64x64", "png")
     assert_image_matches(image["b64_json"], app.ref.t2i(PROMPT, T2I, seed), "streamed t2i")
+
+
+def test_sse_partial_images(app):
+    """Previews come from the last stage (whichever topology) and equal the in-process
+    pipeline's: the predicted clean latents after steps 2 and 4 of 5, through the linear map."""
+    seed, params = 47, replace(T2I, num_timesteps=6)
+    body = gen_body(seed, stream=True, num_timesteps=6, partial_images=2)
+    with app.client.stream("POST", "/v1/images/generations", json=body) as response:
+        assert response.status_code == 200
+        events = [e for e in sse_events(response.iter_lines()) if isinstance(e, dict)]
+    partials = [e for e in events if e["type"] == "image_generation.partial_image"]
+    assert [(e["partial_image_index"], e["step"], e["num_steps"]) for e in partials] == [(0, 2, 5), (1, 4, 5)]
+    assert events[-1]["type"] == "image_generation.completed"
+    assert_image_matches(events[-1]["b64_json"], app.ref.t2i(PROMPT, params, seed), "image after previews")
+    executor, previews = app.ref.executor, []
+    generate_image(executor, [PROMPT], params, noise=NoiseSource(seed), previews=2, on_preview=previews.append)
+    for event, preview in zip(partials, previews, strict=True):
+        expected = render_preview(executor, preview.latent(), "linear")
+        assert pixels(event["b64_json"]).shape == (8, 8, 3)
+        assert max_pixel_diff(event["b64_json"], expected) <= PIXEL_TOLERANCE, f"preview {preview.index}"
 
 
 def test_sse_think(app):
