@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from bagel_model.kernels import select_kernels
 from bench.latency import PROMPT, build, sync
 from bench.provenance import commit, write_report
 from cluster.image_encoding import OutputFormat, encode_image
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="previews")
     args = p.parse_args(argv)
     t = time.perf_counter()
-    executor = build(args.checkpoint, args.device, graphs=None)
+    kernels = select_kernels(args.device)  # the service's defaults
+    executor = build(args.checkpoint, args.device, None, kernels)
     build_s = time.perf_counter() - t
     params = ImageParams(num_timesteps=args.steps, height=args.size, width=args.size)
     t = time.perf_counter()
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "previews", "device": device, "torch": torch.__version__,
               "python": platform.python_version(), "commit": commit(),
               "weights": args.checkpoint or "random bf16 (full-size BAGEL-7B-MoT architecture)",
-              "build_s": build_s, "settings": vars(args), "linear_map_fit_s": fit_s,
+              "build_s": build_s, "settings": vars(args), "kernels": vars(kernels.choice), "linear_map_fit_s": fit_s,
               "target_extra_pct": 5.0,
               "within_target": {v: results[v]["extra_pct"] <= 5.0 for v in PREVIEW_DECODERS},
               "linear_vs_vae_psnr_db": linear_vs_vae(executor, vae_pictures), "results": results}
