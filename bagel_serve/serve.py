@@ -74,6 +74,8 @@ def run_serve(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(validated), name=app.get("name", "bagel"), route_prefix=app.get("route_prefix", "/"))
     checkpoint = validated.checkpoint_dir or "the built-in demo model (RANDOM weights: outputs are noise)"
+    if validated.simulate:
+        checkpoint = f"SIMULATED {validated.simulate} GPUs (no model: outputs are noise)"
     print(f"bagel-serve is up on http://{host}:{port} with {checkpoint}, {validated.num_stages} stage(s).\n"
           f"  try: curl http://{host}:{port}/health   (Ctrl-C stops it)", flush=True)
     try:

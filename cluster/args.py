@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from bagel_model.hardware import profile_names
 from bagel_model.quantize import MODES, is_approximate
 
 
@@ -85,6 +86,11 @@ class AppArgs(BaseModel):
                                          "(null: the first GPU's own); e.g. 24 on larger cards to plan for 24 GB ones")
     random_weights: bool = Field(False, description="benchmarks: random weights made on the devices; "
                                  "checkpoint_dir then needs only configs and tokenizer")
+    simulate: str | None = Field(None, description="no model: every GPU component sleeps for what this hardware "
+                                 "profile (bagel_model/hardware.json: h200, rtx4090) says its work takes, and returns "
+                                 "placeholder tensors; for timing topologies on a CPU machine (bench/simulate.py). "
+                                 "checkpoint_dir defaults to the BAGEL-7B-MoT configuration without weights")
+    simulate_time_scale: float = Field(1.0, gt=0, description="simulate: real seconds per simulated second")
 
     @model_validator(mode="before")
     @classmethod
@@ -102,6 +108,12 @@ class AppArgs(BaseModel):
         if self.fp8 and self.quantize is not None:
             raise ValueError("fp8: true (hand-written FP8 for the generation MLP) and quantize both set the weights' "
                              "format; choose one (quantize: fp8 is torchao's FP8 for every linear layer)")
+        return self
+
+    @model_validator(mode="after")
+    def _known_profile(self) -> AppArgs:
+        if self.simulate is not None and self.simulate not in profile_names():
+            raise ValueError(f"simulate: unknown hardware profile {self.simulate!r}; known: {profile_names()}")
         return self
 
 

@@ -9,6 +9,7 @@ from bagel_model.config import BagelConfig
 from bagel_model.demo import checkpoint_or_demo, random_module
 from bagel_model.latent_rgb import fit_latent_rgb
 from bagel_model.loader import load_vae
+from bagel_model.simulated import SimulatedAutoEncoder, Simulation
 from bagel_model.vae import AutoEncoder
 
 from .devices import resolve_device
@@ -24,11 +25,16 @@ def vae_of(checkpoint_dir: str, config: BagelConfig, device: torch.device, rando
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Decoder:
-    def __init__(self, checkpoint_dir: str | None, device: str, random_weights: bool = False):
+    def __init__(self, checkpoint_dir: str | None, device: str, random_weights: bool = False,
+                 simulation: Simulation | None = None):
+        """`simulation`: no model, simulated time (bench/simulate.py)."""
         self.device = resolve_device(device)
         checkpoint_dir = checkpoint_or_demo(checkpoint_dir)
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
-        self.vae = vae_of(checkpoint_dir, config, self.device, random_weights)
+        if simulation is not None:
+            self.vae = SimulatedAutoEncoder(config, simulation)
+        else:
+            self.vae = vae_of(checkpoint_dir, config, self.device, random_weights)
         self._latent_rgb: Tensor | None = None
 
     @torch.inference_mode()

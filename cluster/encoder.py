@@ -9,6 +9,7 @@ from torch import Tensor
 from bagel_model.config import BagelConfig
 from bagel_model.demo import checkpoint_or_demo, random_quantized
 from bagel_model.loader import load_vision_encoder
+from bagel_model.simulated import SimulatedAutoEncoder, SimulatedVisionEncoder, Simulation
 from bagel_model.vit import VisionEncoder
 
 from .decoder import vae_of
@@ -18,11 +19,15 @@ from .devices import resolve_device
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Encoder:
     def __init__(self, checkpoint_dir: str | None, device: str, dtype: torch.dtype, random_weights: bool = False,
-                 quantize: str | None = None):
-        """`quantize`: the ViT layers' weight format (bagel_model/quantize.py)."""
+                 quantize: str | None = None, simulation: Simulation | None = None):
+        """`quantize`: the ViT layers' weight format (bagel_model/quantize.py); `simulation`: no model,
+        simulated time (bench/simulate.py)."""
         self.device = resolve_device(device)
         checkpoint_dir = checkpoint_or_demo(checkpoint_dir)
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
+        if simulation is not None:
+            self.vision, self.vae = SimulatedVisionEncoder(config, simulation), SimulatedAutoEncoder(config, simulation)
+            return
         if random_weights:
             self.vision = random_quantized(lambda: VisionEncoder(config), self.device, dtype, 100, quantize)
         else:

@@ -25,6 +25,7 @@ from PIL import Image
 from bagel_model.config import BagelConfig
 from bagel_model.demo import DEMO_LABEL, checkpoint_or_demo, is_demo_checkpoint
 from bagel_model.errors import BagelError, InvalidRequest
+from bagel_model.simulated import Simulation
 from bagel_model.tokenizer import BagelTokenizer
 from pipelines.noise import NoiseSource, random_seed
 from pipelines.previews import Preview, PreviewRenderer
@@ -60,6 +61,7 @@ class BagelService:
         self.tokenizer = BagelTokenizer.from_dir(self.checkpoint)
         self.device = placed_device(args.device, args.gpus_per_stage)
         self.dtype = resolve_dtype(args.dtype, self.device)
+        self.simulation = Simulation.named(args.simulate, args.simulate_time_scale) if args.simulate else None
         self.supervisor = StageSupervisor(make_stages or self._make_stages, max_tries=args.stage_rebuild_tries,
                                           backoff_s=args.stage_rebuild_backoff_s, on_replaced=self._use_stages)
         self.executor = ClusterExecutor(self.config, self.tokenizer, self.stages, encoder, decoder,
@@ -82,7 +84,8 @@ class BagelService:
         return StageGroup(self.checkpoint, self.config.llm.num_hidden_layers, a.num_stages, device=self.device,
                           dtype=self.dtype, gpus_per_stage=a.gpus_per_stage, memory_fraction=a.stage_memory_fraction,
                           transport=a.transport, layer_sizes=a.layer_sizes, random_weights=a.random_weights,
-                          compile=a.compile, fp8=a.fp8, quantize=a.quantize)
+                          compile=a.compile, fp8=a.fp8, quantize=a.quantize,
+                          simulation=self.simulation)
 
     def _use_stages(self, group: StageGroup) -> None:
         self.executor.stages = group
@@ -234,7 +237,8 @@ class BagelService:
         """(HTTP status, body): 200 "ok" with the stages' stats; 503 "degraded" while the stage
         workers are unreachable or being replaced; 503 "failed" once they cannot be rebuilt."""
         base = {"model": self.model_name, "demo": self.is_demo, "notice": DEMO_LABEL if self.is_demo else None,
-                "quantize": self.args.quantize, "approximate": approximate_modes(self.args)}
+                "quantize": self.args.quantize, "approximate": approximate_modes(self.args),
+                "simulated": self.args.simulate}
         if self.supervisor.state == "failed":
             return 503, {**base, "status": "failed", "error": self.supervisor.error}
         if self.supervisor.state == "restarting":

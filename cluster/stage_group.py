@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
 from bagel_model.segments import Segment
+from bagel_model.simulated import Simulation
 from bagel_model.stage import split_layers
 from pipelines.step import StepPart
 
@@ -39,7 +40,7 @@ class StageGroup:
                  memory_fraction: float | None = None, transport: str = "auto",
                  layer_sizes: list[int] | None = None, random_weights: bool = False,
                  placement_timeout_s: float = 120.0, compile: bool | None = None, fp8: bool = False,
-                 quantize: str | None = None):
+                 quantize: str | None = None, simulation: Simulation | None = None):
         self.specs = split_layers(num_layers, num_stages, layer_sizes)
         self.dtype = dtype
         self._pg = None
@@ -61,7 +62,8 @@ class StageGroup:
             if self._pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, spec.index)
             self.workers.append(worker_cls.options(**opts).remote(
-                checkpoint_dir, spec, device, dtype, memory_fraction, random_weights, compile, fp8, quantize))
+                checkpoint_dir, spec, device, dtype, memory_fraction, random_weights, compile, fp8, quantize,
+                simulation))
         self.transport = self._choose_transport(transport, device)
         init_method = None
         if self.transport in ("gloo", "nccl") and num_stages > 1:

@@ -32,6 +32,7 @@ from bagel_model.loader import load_stage
 from bagel_model.model import BagelStage
 from bagel_model.runner import StageRunner
 from bagel_model.segments import Segment, SegmentKind
+from bagel_model.simulated import Simulation, SimulatedRunner
 from bagel_model.stage import StageSpec
 from bagel_model.tokenizer import BagelTokenizer
 from pipelines.step import SamplerStates, StepPart
@@ -43,9 +44,21 @@ from .transport import Handle, Transport
 class StageWorker:
     def __init__(self, checkpoint_dir: str, spec: StageSpec, device: str, dtype: torch.dtype,
                  memory_fraction: float | None = None, random_weights: bool = False, compile: bool | None = None,
-                 fp8: bool = False, quantize: str | None = None):
-        self.spec = spec
+                 fp8: bool = False, quantize: str | None = None, simulation: Simulation | None = None):
+        """`simulation`: no model; the runner sleeps for what the hardware profile says (bench/simulate.py)."""
+        self.spec, self.dtype = spec, dtype
         self.device = resolve_device(device)
+        if simulation is not None:
+            self.runner = SimulatedRunner(BagelConfig.from_checkpoint_dir(checkpoint_dir), spec, simulation, dtype)
+        else:
+            self.runner = self._load(checkpoint_dir, memory_fraction, random_weights, compile, fp8, quantize)
+        self.transport: Transport | None = None
+        self.samplers = SamplerStates(self.device)  # last stage: the images being denoised
+        self.busy_s = 0.0  # time spent computing micro-batches (not waiting for the previous stage)
+
+    def _load(self, checkpoint_dir: str, memory_fraction: float | None, random_weights: bool,
+              compile: bool | None, fp8: bool, quantize: str | None) -> StageRunner:
+        spec, dtype = self.spec, self.dtype
         if self.device.type == "cuda" and memory_fraction:
             torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
         kernels = select_kernels(self.device, KernelChoice(compile=compile))
@@ -59,10 +72,7 @@ class StageWorker:
                                kernels=kernels)
         if fp8:
             quantize_gen_mlp(model, kernels.choice.compile)
-        self.runner = StageRunner(model, tokenizer.image_markers)
-        self.transport: Transport | None = None
-        self.samplers = SamplerStates(self.device)  # last stage: the images being denoised
-        self.busy_s = 0.0  # time spent computing micro-batches (not waiting for the previous stage)
+        return StageRunner(model, tokenizer.image_markers)
 
     def rendezvous_address(self) -> str:
         """A `tcp://host:port` this process can listen on (asked of stage 0)."""
@@ -111,7 +121,7 @@ class StageWorker:
             return None
         if part.step.final:
             return out.x.cpu()
-        return None if self.spec.is_first else out.x.to(self.runner.stage.dtype).cpu()
+        return None if self.spec.is_first else out.x.to(self.dtype).cpu()
 
     def predicted_clean(self, key: str) -> Tensor:
         """Last stage: the clean latents the image's last applied step predicts (for a preview;
