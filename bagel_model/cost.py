@@ -7,7 +7,7 @@ at different sustained rates. ViT and VAE counts are for the released architectu
 """
 from __future__ import annotations
 
-from .config import BagelConfig, LLMConfig, ViTConfig
+from .config import LLMConfig, ViTConfig
 from .vae import VAEConfig
 
 
