@@ -154,22 +154,26 @@ class SimulatedVisionEncoder:
 
 
 class SimulatedAutoEncoder:
-    """`AutoEncoder.encode` / `decode` in simulated time. Decoded pixels are a fixed random
-    pattern, like the images of the random-weight models we measured (their PNG encoding costs
-    what it cost there)."""
+    """`AutoEncoder.encode` / `encode_mean` / `decode` in simulated time. Latents are zeros (so a
+    preview map fitted to them paints the mean colour); decoded pixels are a fixed random pattern,
+    like the images of the random-weight models we measured (their PNG encoding costs what it
+    cost there)."""
 
     def __init__(self, config: BagelConfig, simulation: Simulation):
-        self.config, self.simulation = config, simulation
+        self.config, self.cfg, self.simulation = config, config.vae, simulation
         self._pixels: dict[tuple, Tensor] = {}
 
     def encode(self, pixels: Tensor, noise: Tensor | None = None, generator=None) -> Tensor:
-        start, (b, _, h, w), f = time.perf_counter(), pixels.shape, self.config.vae.downsample
+        return self.encode_mean(pixels)
+
+    def encode_mean(self, pixels: Tensor) -> Tensor:
+        start, (b, _, h, w), f = time.perf_counter(), pixels.shape, self.cfg.downsample
         self.simulation.wait(b * self.simulation.profile.vae_encode_s(self.config, h, w), start)
-        return torch.zeros(b, self.config.vae.z_channels, h // f, w // f)
+        return torch.zeros(b, self.cfg.z_channels, h // f, w // f)
 
     def decode(self, z_scaled: Tensor) -> Tensor:
-        start, (b, _, h, w), f = time.perf_counter(), z_scaled.shape, self.config.vae.downsample
-        shape = (b, self.config.vae.out_ch, h * f, w * f)
+        start, (b, _, h, w), f = time.perf_counter(), z_scaled.shape, self.cfg.downsample
+        shape = (b, self.cfg.out_ch, h * f, w * f)
         if shape not in self._pixels:
             self._pixels[shape] = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
         self.simulation.wait(b * self.simulation.profile.vae_decode_s(self.config, h * f, w * f), start)

@@ -15,6 +15,7 @@ from bagel_model import cost
 from bagel_model.config import BagelConfig
 from bagel_model.demo import demo_tokenizer
 from bagel_model.hardware import RESULTS, Block, load_profile
+from bagel_model.latent_rgb import fit_latent_rgb
 from bagel_model.segments import Segment
 from bagel_model.simulated import (SimulatedAutoEncoder, SimulatedKVCache, SimulatedRunner, SimulatedVisionEncoder,
                                    Simulation)
@@ -22,7 +23,7 @@ from bagel_model.stage import split_layers
 from bench import simulate
 from bench.event_sim import Model, Topology, summarize, trace
 
-from .service_app import data_url, png_bytes, running_app
+from .service_app import data_url, png_bytes, running_app, sse_events
 
 FULL = BagelConfig()
 LLM = FULL.llm
@@ -141,6 +142,7 @@ def test_simulated_vit_and_vae_shapes(h200):
     assert vae.encode(torch.zeros(1, 3, 512, 768), noise=None).shape == (1, 16, 64, 96)
     pixels = vae.decode(torch.zeros(1, 16, 64, 96))
     assert pixels.shape == (1, 3, 512, 768) and -1 <= float(pixels.min()) < float(pixels.max()) <= 1
+    assert fit_latent_rgb(vae).shape == (FULL.vae.z_channels + 1, 3)  # the decoder's preview map
 
 
 # -- the analytic model ---------------------------------------------------------------------------
@@ -198,7 +200,8 @@ def test_harness_skips_what_the_app_cannot_run():
 
 def test_simulated_serve_app(ray_url):
     """The real app with simulated GPUs (2 stages, full-size shapes, time scale 0.01): images of the
-    asked size, a chat answer, /health says simulated and shows the KV bookkeeping; nothing leaks."""
+    asked size, streamed previews, a chat answer, /health says simulated and shows the KV
+    bookkeeping; nothing leaks."""
     with running_app(ray_url, {"simulate": "h200", "simulate_time_scale": 0.01, "num_stages": 2}):
         client = httpx.Client(base_url=ray_url, timeout=120)
         health = client.get("/health").json()
@@ -209,6 +212,11 @@ def test_simulated_serve_app(ray_url):
         image = png_bytes(Image.new("RGB", (640, 512), (40, 90, 200)))
         r = client.post("/v1/images/edits", json={"prompt": "make it red", "image": data_url(image), "num_timesteps": 3})
         assert r.status_code == 200 and (r.json()["data"][0]["width"], r.json()["data"][0]["height"]) == (640, 512)
+        body = {"prompt": "a fox", "size": "256x256", "num_timesteps": 4, "stream": True, "partial_images": 1}
+        with client.stream("POST", "/v1/images/generations", json=body) as response:
+            assert response.status_code == 200
+            events = [e["type"] for e in sse_events(response.iter_lines()) if isinstance(e, dict)]
+        assert "image_generation.partial_image" in events and events[-1] == "image_generation.completed"
         r = client.post("/v1/chat/completions", json={"max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
         stages = client.get("/health").json()["stages"]
