@@ -4,7 +4,8 @@ A `KernelChoice` names them: the elementwise kernels (RMSNorm, SiLU * mul, qk-no
 residual add + RMSNorm, masked softmax) plain or fused by `torch.compile` (worth it on GPUs,
 where they are memory-bound); the attention backend (PyTorch SDPA, or FlashAttention-4 from the
 optional `flash-attn-4` package); the MLP GEMMs (cuBLAS, or quack GEMMs with the SwiGLU and the
-residual add in their epilogues, `epilogue_gemm.py`). `select_kernels` turns a choice into
+residual add in their epilogues, `epilogue_gemm.py`); the layer norms of packed forwards (ours,
+or quack's RMSNorm). `select_kernels` turns a choice into
 `Kernels` for a device, falling back (logged) where an optional package or GPU is missing, so the
 same choice works on every machine. Pass `Kernels` to `BagelStage` (or `loader.load_stage`), or
 swap them into a built stage with `use_kernels`. Nothing process-wide changes: two stages in one
@@ -27,6 +28,7 @@ from .attention import ATTENTION_BACKENDS, Attend, attend, attention_backend
 log = logging.getLogger(__name__)
 
 MLP_BACKENDS = ("cublas", "quack")
+NORM_BACKENDS = ("torch", "quack")
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -68,12 +70,15 @@ class KernelChoice:
     attention: str = "sdpa"  # one of attention.ATTENTION_BACKENDS
     mlp: str = "cublas"  # one of MLP_BACKENDS
     compile: bool | None = None  # fused compiled elementwise kernels; None: on CUDA devices
+    norm: str = "torch"  # one of NORM_BACKENDS: `Kernels.rms_norm`
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, not {self.attention!r}")
         if self.mlp not in MLP_BACKENDS:
             raise ValueError(f"mlp must be one of {MLP_BACKENDS}, not {self.mlp!r}")
+        if self.norm not in NORM_BACKENDS:
+            raise ValueError(f"norm must be one of {NORM_BACKENDS}, not {self.norm!r}")
 
 
 # A fused MLP: (the SwiGLU module, x, residual or None) -> its output, as `SwiGLU.plain` computes it.
@@ -90,6 +95,24 @@ class Kernels:
     masked_softmax: Callable[[Tensor, Tensor, float], Tensor]
     attend: Attend  # one packed segment, as `attention.attend`
     mlp: FusedMLP | None = None  # None: `SwiGLU.plain` (cuBLAS GEMMs and `silu_mul`)
+
+
+class QuackRMSNorm:
+    """`Kernels.rms_norm` by quack's RMSNorm (a CuTe DSL kernel: 1.43x our compiled kernel on the
+    denoising shape, bench/results/kernels_h200.json) for 2-D bf16/fp16 CUDA inputs, `fallback`
+    for the rest. quack scales by the weight before its one rounding to bf16; `rms_norm` rounds,
+    then scales: results differ at the bf16 rounding level (bench/side_by_side.py checks the
+    whole model against the default path)."""
+
+    def __init__(self, fallback: Callable[[Tensor, Tensor, float], Tensor]):
+        self.fallback = fallback
+
+    def __call__(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        if not x.is_cuda or x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16) or x.stride(-1) != 1:
+            return self.fallback(x, weight, eps)
+        from quack import rmsnorm
+
+        return rmsnorm(x, weight, eps=eps)
 
 
 EAGER = Kernels(KernelChoice(compile=False), rms_norm, silu_mul, qk_norm_rope, add_rms_norm, masked_softmax, attend)
@@ -120,7 +143,15 @@ def select_kernels(device: torch.device | str, choice: KernelChoice = KernelChoi
             mlp, fused = "quack", epilogue_gemm.EpilogueSwiGLU()
         else:
             log.warning("mlp: quack GEMMs %s; using cuBLAS", reason)
-    return replace(base, choice=KernelChoice(attention, mlp, compile), attend=attend_fn, mlp=fused)
+    norm, norm_fn = "torch", base.rms_norm
+    if choice.norm == "quack":
+        reason = epilogue_gemm.quack_unavailable(device)
+        if reason is None:
+            norm, norm_fn = "quack", QuackRMSNorm(base.rms_norm)
+        else:
+            log.warning("norm: quack's RMSNorm %s; using ours", reason)
+    return replace(base, choice=KernelChoice(attention, mlp, compile, norm), attend=attend_fn, mlp=fused,
+                   rms_norm=norm_fn)
 
 
 def use_kernels(stage: nn.Module, choice: KernelChoice) -> KernelChoice:

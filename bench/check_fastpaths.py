@@ -98,7 +98,7 @@ def main() -> None:
                    "graph_vs_packed_bf16": deviation(graph_decode, packed_decode),
                    "argmax_agreement": (graph_decode.argmax(-1) == packed_decode.argmax(-1)).float().mean().item()},
     }
-    if (args.attention, args.mlp) != ("sdpa", "cublas"):
+    if (args.attention, args.mlp, args.norm) != ("sdpa", "cublas", "torch"):
         report["kernels_in_effect"] = apply_kernel_args(args, [stage], compile=True)[0]
         kernel_denoise, *replayed = denoise(stage, prompt, x, calls=3)
         report["denoise"] |= {"kernels_bf16_vs_fp32": deviation(kernel_denoise, fp32_denoise),

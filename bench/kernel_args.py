@@ -16,7 +16,7 @@ import sys
 from torch import nn
 
 from bagel_model.attention import ATTENTION_BACKENDS
-from bagel_model.kernels import MLP_BACKENDS, KernelChoice, use_kernels
+from bagel_model.kernels import MLP_BACKENDS, NORM_BACKENDS, KernelChoice, use_kernels
 
 
 def add_kernel_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,8 @@ def add_kernel_args(p: argparse.ArgumentParser) -> None:
                    help="attention kernels: PyTorch SDPA, or FlashAttention-4 (package flash-attn-4)")
     p.add_argument("--mlp", choices=MLP_BACKENDS, default="cublas",
                    help="MLP GEMMs: cuBLAS + fused SwiGLU kernel, or quack GEMMs with SwiGLU/residual epilogues")
+    p.add_argument("--norm", choices=NORM_BACKENDS, default="torch",
+                   help="RMSNorm of packed forwards: ours (compiled on GPUs), or quack's (package quack-kernels)")
     p.add_argument("--site", action="append", default=[], metavar="DIR",
                    help="site folder with carried kernel packages (repeatable)")
 
@@ -50,7 +52,7 @@ def kernel_choice(args: argparse.Namespace, compile: bool) -> KernelChoice:
     packages made importable first)."""
     add_site_dirs(args.site)
     quack_settings()
-    return KernelChoice(args.attention, args.mlp, compile)
+    return KernelChoice(args.attention, args.mlp, compile, args.norm)
 
 
 def apply_kernel_args(args: argparse.Namespace, stages: list[nn.Module], compile: bool) -> list[dict]:

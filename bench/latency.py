@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = select_kernels(args.device, KernelChoice(compile=args.compile))  # the exact run's kernels
     executor = Timed(build(args.checkpoint, args.device, False if args.no_graphs else None, plain))
     exact = {}
-    other_kernels = (args.attention, args.mlp) != ("sdpa", "cublas")
+    other_kernels = (args.attention, args.mlp, args.norm) != ("sdpa", "cublas", "torch")
     if args.fp8 or args.cfg_refresh_interval > 1 or other_kernels:  # exact outputs first (noise seed 0)
         jobs = {"t2i": t2i_job, "edit": edit_job}
         for task in set(args.tasks.split(",")) & set(jobs):

@@ -3,6 +3,8 @@ Numbers come only from those JSON files.
 
     python -m bench.report            # writes bench/results/summary.md and summary.png
     python -m bench.report --quant bench/results/quant_h200.json   # the weight-format tables (.md beside it)
+
+bench/side_by_side.py writes its own table (`side_by_side_table`) beside its JSON.
 """
 from __future__ import annotations
 
@@ -172,6 +174,54 @@ def quant_tables(doc: dict) -> str:
                          f"{layout['quantize'] or 'bf16 (exact)'} | {_gib(layout['kv_cache_bytes'])} | "
                          f"{layout['requests']} at {layout['image_size']}x{layout['image_size']} |")
     if doc.get("skipped"):
+        lines += ["", f"Not measured (time budget): {', '.join(doc['skipped'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def _choice(kernels: dict) -> str:
+    """A KernelChoice as recorded, in words: "attention sdpa, mlp cublas, norm torch, compiled"."""
+    return ", ".join([f"{k} {v}" for k, v in kernels.items() if k != "compile"] +
+                     ["compiled" if kernels["compile"] else "not compiled"])
+
+
+def side_by_side_table(doc: dict) -> str:
+    """Markdown tables of a bench/side_by_side.py report: each official run against ours, and the
+    optional kernels against the default ones."""
+    off = doc["official"]
+    same = "the official settings" if doc["same_settings_as_official"] else f"overrides {doc['overrides']}"
+    prompts = ", ".join(f"{t} {p['tokens']}" for t, p in doc["prompts"].items())
+    lines = [f"Ours on {doc['device']} (torch {doc['torch']}, commit {doc['commit']}, {doc['weights']}) against the "
+             f"official code ({off['official_commit'][:7]}) on {off['device']} (torch {off['torch']}); {same}, seed "
+             f"{doc['seed']}, prompt tokens {prompts} ({next(iter(doc['prompts'].values()))['how']}), the official "
+             "warm-ups first, one run each:", "",
+             "| run | official s | ours s | speedup | ours: denoise / VAE decode s (decode tok/s) | official: the same |",
+             "|---|---|---|---|---|---|"]
+
+    def phases(r: dict) -> str:
+        if "decode_tokens_per_s" in r:
+            return f"{r['decode_tokens_per_s']:.1f} tok/s"
+        return f"{r['denoise_loop_s']:.2f} / {r['vae_decode_s']:.2f}"
+
+    for name, r in doc["runs"].items():
+        if "official" in r:
+            lines.append(f"| {name} | {r['official']['total_s']:.2f} | {r['total_s']:.2f} | {r['speedup']:.2f}x | "
+                         f"{phases(r)} | {phases(r['official'])} |")
+    if doc["kernels"]:
+        default = {t: doc["runs"][n]["total_s"] for t, n in (("t2i", "t2i_notebook_1"), ("edit", "edit_notebook"))
+                   if n in doc["runs"]}
+        lines += ["", f"Kernels on the same model and noise (t2i / edit; within bound: max |diff| and relative L2 to "
+                      f"the default at most {doc.get('tolerance', '')}x the plain path's):", "",
+                  "| kernels (in effect) | t2i / edit s | max abs diff vs default | relative L2 vs default | within bound |",
+                  "|---|---|---|---|---|",
+                  f"| default ({_choice(doc['kernels_in_effect'])}) | {_pair(default, lambda v: v, '{:.2f}'.format)} | "
+                  "0 | 0 | |"]
+        for name, k in doc["kernels"].items():
+            dev = lambda key: (lambda r: r["vs_default"][key])  # noqa: E731
+            lines.append(f"| {name} ({_choice(k['in_effect'][0])}) | {_pair(k, lambda r: r['total_s'], '{:.2f}'.format)} | "
+                         f"{_pair(k, dev('max_abs_diff'), '{:.3g}'.format)} | "
+                         f"{_pair(k, dev('relative_l2'), '{:.3g}'.format)} | "
+                         f"{'' if 'within_bound' not in k else 'yes' if k['within_bound'] else 'NO'} |")
+    if doc["skipped"]:
         lines += ["", f"Not measured (time budget): {', '.join(doc['skipped'])}."]
     return "\n".join(lines) + "\n"
 

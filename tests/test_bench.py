@@ -36,14 +36,14 @@ def test_fp8_benchmark_measures_its_deviation(checkpoint_dir, tmp_path):
 
 
 def test_kernel_flags_fall_back_and_are_checked_against_the_exact_run(checkpoint_dir, tmp_path):
-    """--attention fa4 --mlp quack on a machine without those kernels: the report says the
-    default kernels ran, and the run with the flags equals the exact run bit for bit."""
+    """--attention fa4 --mlp quack --norm quack on a machine without those kernels: the report
+    says the default kernels ran, and the run with the flags equals the exact run bit for bit."""
     code = latency.main(["--device", "cpu", "--checkpoint", str(checkpoint_dir), "--size", "64", "--steps", "3",
                          "--repeats", "1", "--warmup", "0", "--tasks", "t2i", "--attention", "fa4", "--mlp", "quack",
-                         "--out", str(tmp_path)])
+                         "--norm", "quack", "--out", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "latency.json").read_text())
-    assert report["kernels_in_effect"] == [{"attention": "sdpa", "mlp": "cublas", "compile": False}]
+    assert report["kernels_in_effect"] == [{"attention": "sdpa", "mlp": "cublas", "compile": False, "norm": "torch"}]
     assert report["results"]["t2i"]["deviation_from_exact"]["latent_relative_l2"] == 0
 
 
@@ -123,3 +123,59 @@ def test_previews_benchmark_measures_both_decoders(checkpoint_dir, tmp_path):
         assert 0 < r["decode_s_per_preview"] <= r["render_s_per_preview"]
         assert r["end_to_end_s"]["median"] > 0 and isinstance(report["within_target"][decoder], bool)
     assert report["linear_map_fit_s"] > 0 and len(report["linear_vs_vae_psnr_db"]) == 3
+
+
+def test_side_by_side_runs_the_official_runs_and_reads_their_times(checkpoint_dir, tmp_path):
+    """bench/side_by_side.py on the fixture (sizes, steps and answer length overridden): the
+    official runs in their order, with the official prompts' token counts (the fixture has the
+    official harness's tokenizer), each timed run's speedup computed from the official JSON, the
+    same seed giving the same image twice, the kernel variants falling back here to the default
+    kernels (equal to the default run, so within the bound), and the Markdown table."""
+    from bench import side_by_side
+
+    code = side_by_side.main(["--device", "cpu", "--checkpoint", str(checkpoint_dir), "--size", "64",
+                              "--warmup-size", "64", "--steps", "3", "--answer-tokens", "3",
+                              "--attention", "fa4", "--norm", "quack", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "side_by_side.json").read_text())
+    official = json.loads(side_by_side.OFFICIAL.read_text())
+    assert list(report["runs"]) == list(official["runs"])
+    assert report["same_settings_as_official"] is False and report["seed"] == official["settings"]["seed"] == 42
+    assert {t: p["tokens"] for t, p in report["prompts"].items()} == official["settings"]["prompt_tokens"]
+    runs = report["runs"]
+    for name, r in runs.items():
+        assert r["total_s"] > 0
+        if name.startswith("warmup_"):
+            assert "speedup" not in r
+            continue
+        assert r["speedup"] == official["runs"][name]["total_s"] / r["total_s"]
+        assert report["summary"][name]["official_s"] == official["runs"][name]["total_s"]
+    assert runs["warmup_t2i"]["num_timesteps"] == official["settings"]["warmups"]["t2i"][1] == 5
+    assert runs["t2i_notebook_1"]["image_size"] == [64, 64] and runs["t2i_notebook_1"]["num_timesteps"] == 3
+    assert runs["t2i_notebook_2"]["latent_equal_to_first_run"] is True
+    assert runs["edit_notebook"]["llm_forwards_denoise"] == 3 * 2  # 3 timesteps = 2 steps of 3 branches
+    assert runs["und_notebook"]["decode_steps"] <= 2 and runs["und_notebook"]["decode_tokens_per_s"] > 0
+    kernels = report["kernels"]
+    assert set(kernels) == {"plain (no torch.compile)", "attention=fa4", "norm=quack"}
+    for entry in kernels.values():
+        assert entry["in_effect"] == [{"attention": "sdpa", "mlp": "cublas", "compile": False, "norm": "torch"}]
+        assert entry["t2i"]["vs_default"]["max_abs_diff"] == entry["edit"]["vs_default"]["relative_l2"] == 0
+        assert entry["within_bound"] is True
+    table = (tmp_path / "side_by_side.md").read_text()
+    assert f"| t2i_notebook_1 | {official['runs']['t2i_notebook_1']['total_s']:.2f} |" in table
+    assert "| attention=fa4 (" in table and "| yes |" in table
+
+
+def test_side_by_side_fits_prompts_to_the_official_token_counts():
+    """Random-weight builds have the demo tokenizer: each official prompt becomes exactly the
+    official number of tokens, cut from (or repeated from) the official text."""
+    from bagel_model.demo import demo_tokenizer
+    from bench import side_by_side
+
+    official = json.loads(side_by_side.OFFICIAL.read_text())
+    tok = demo_tokenizer()
+    fitted = side_by_side.prompts(official, tok, fit=True)
+    assert {t: p["tokens"] for t, p in fitted.items()} == official["settings"]["prompt_tokens"] == \
+        {"t2i": 172, "edit": 36, "und": 24}
+    assert official["settings"]["t2i_prompt"].startswith(fitted["t2i"]["text"])  # 388 bytes cut to 170
+    assert side_by_side.fit_prompt(tok, "abc", 9) == "abcabca"  # 7 tokens + <|im_start|>, <|im_end|>

@@ -11,7 +11,7 @@ import torch
 
 from bagel_model import attention, epilogue_gemm
 from bagel_model.demo import demo_config, init_random_weights
-from bagel_model.kernels import KernelChoice, Kernels, use_kernels
+from bagel_model.kernels import KernelChoice, Kernels, QuackRMSNorm, use_kernels
 from bagel_model.model import BagelStage
 from bagel_model.runner import StageRunner
 from bagel_model.segments import Segment
@@ -49,10 +49,11 @@ def test_default_stage_uses_sdpa_and_the_plain_mlp(stage):
 def test_missing_packages_keep_the_default_kernels(stage, caplog):
     """On this CPU machine FA4 and quack cannot run: asking for them changes nothing, and says so."""
     with caplog.at_level(logging.WARNING):
-        active = use_kernels(stage, KernelChoice(attention="fa4", mlp="quack"))
+        active = use_kernels(stage, KernelChoice(attention="fa4", mlp="quack", norm="quack"))
     assert active == KernelChoice("sdpa", "cublas", compile=False)
     assert layer_kernels(stage) == ({attention.attend}, {None})
     assert "FlashAttention-4 needs a CUDA GPU" in caplog.text and "quack GEMMs needs a CUDA GPU" in caplog.text
+    assert "quack's RMSNorm needs a CUDA GPU" in caplog.text
 
 
 def test_unknown_kernel_names_are_refused():
@@ -60,18 +61,23 @@ def test_unknown_kernel_names_are_refused():
         KernelChoice(attention="flash2")
     with pytest.raises(ValueError, match="mlp must be one of"):
         KernelChoice(mlp="cutlass")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        KernelChoice(norm="apex")
 
 
 def test_installed_kernels_go_into_every_layer_and_hand_back_what_they_cannot_run(stage, monkeypatch):
-    """With the packages reported usable, every layer gets FA4 and the epilogue GEMMs; this CPU
-    float32 forward is not theirs, so it must equal the default forward exactly."""
+    """With the packages reported usable, every layer gets FA4, the epilogue GEMMs and quack's
+    RMSNorm; this CPU float32 forward is not theirs, so it must equal the default forward exactly."""
     expected = forward(stage)
     monkeypatch.setattr(attention, "fa4_unavailable", lambda device: None)
     monkeypatch.setattr(epilogue_gemm, "quack_unavailable", lambda device: None)
-    assert use_kernels(stage, KernelChoice(attention="fa4", mlp="quack")) == KernelChoice("fa4", "quack", compile=False)
+    assert use_kernels(stage, KernelChoice(attention="fa4", mlp="quack", norm="quack")) == \
+        KernelChoice("fa4", "quack", compile=False, norm="quack")
     attends, fused = layer_kernels(stage)
     assert attends == {attention.flash_attend}
     assert len(fused) == 1 and isinstance(fused.pop(), epilogue_gemm.EpilogueSwiGLU)
+    assert {type(m.kernels.rms_norm) for m in stage.modules() if isinstance(getattr(m, "kernels", None), Kernels)} == \
+        {QuackRMSNorm}
     assert torch.equal(forward(stage), expected)
     use_kernels(stage, KernelChoice())
     assert layer_kernels(stage) == ({attention.attend}, {None})
