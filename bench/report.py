@@ -217,6 +217,9 @@ def side_by_side_table(doc: dict) -> str:
                   "0 | 0 | |"]
         for name, k in doc["kernels"].items():
             dev = lambda key: (lambda r: r["vs_default"][key])  # noqa: E731
+            if "error" in k:
+                lines.append(f"| {name}: {k['error']} | | | | |")
+                continue
             lines.append(f"| {name} ({_choice(k['in_effect'][0])}) | {_pair(k, lambda r: r['total_s'], '{:.2f}'.format)} | "
                          f"{_pair(k, dev('max_abs_diff'), '{:.3g}'.format)} | "
                          f"{_pair(k, dev('relative_l2'), '{:.3g}'.format)} | "

@@ -125,13 +125,23 @@ def test_previews_benchmark_measures_both_decoders(checkpoint_dir, tmp_path):
     assert report["linear_map_fit_s"] > 0 and len(report["linear_vs_vae_psnr_db"]) == 3
 
 
-def test_side_by_side_runs_the_official_runs_and_reads_their_times(checkpoint_dir, tmp_path):
+def test_side_by_side_runs_the_official_runs_and_reads_their_times(checkpoint_dir, tmp_path, monkeypatch):
     """bench/side_by_side.py on the fixture (sizes, steps and answer length overridden): the
     official runs in their order, with the official prompts' token counts (the fixture has the
     official harness's tokenizer), each timed run's speedup computed from the official JSON, the
-    same seed giving the same image twice, the kernel variants falling back here to the default
-    kernels (equal to the default run, so within the bound), and the Markdown table."""
+    same seed giving the same image twice, FA4 falling back here to the default kernels (equal to
+    the default run, so within the bound), a kernel that fails recorded as such, and the Markdown
+    table."""
     from bench import side_by_side
+
+    real = side_by_side.use_kernels
+
+    def use_kernels(stage, choice):
+        if choice.norm == "quack":
+            raise RuntimeError("no such kernel")
+        return real(stage, choice)
+
+    monkeypatch.setattr(side_by_side, "use_kernels", use_kernels)
 
     code = side_by_side.main(["--device", "cpu", "--checkpoint", str(checkpoint_dir), "--size", "64",
                               "--warmup-size", "64", "--steps", "3", "--answer-tokens", "3",
@@ -156,14 +166,15 @@ def test_side_by_side_runs_the_official_runs_and_reads_their_times(checkpoint_di
     assert runs["edit_notebook"]["llm_forwards_denoise"] == 3 * 2  # 3 timesteps = 2 steps of 3 branches
     assert runs["und_notebook"]["decode_steps"] <= 2 and runs["und_notebook"]["decode_tokens_per_s"] > 0
     kernels = report["kernels"]
-    assert set(kernels) == {"plain (no torch.compile)", "attention=fa4", "norm=quack"}
+    assert kernels.pop("norm=quack") == {"error": "RuntimeError: no such kernel"}
+    assert set(kernels) == {"plain (no torch.compile)", "attention=fa4"}
     for entry in kernels.values():
         assert entry["in_effect"] == [{"attention": "sdpa", "mlp": "cublas", "compile": False, "norm": "torch"}]
         assert entry["t2i"]["vs_default"]["max_abs_diff"] == entry["edit"]["vs_default"]["relative_l2"] == 0
         assert entry["within_bound"] is True
     table = (tmp_path / "side_by_side.md").read_text()
     assert f"| t2i_notebook_1 | {official['runs']['t2i_notebook_1']['total_s']:.2f} |" in table
-    assert "| attention=fa4 (" in table and "| yes |" in table
+    assert "| attention=fa4 (" in table and "| yes |" in table and "| norm=quack: RuntimeError: no such kernel |" in table
 
 
 def test_side_by_side_fits_prompts_to_the_official_token_counts():
