@@ -1,19 +1,21 @@
 """`AppArgs`: everything `ray_config.yaml` (or `build_app`) can set, validated by pydantic.
 
 Environment variables fill what the config leaves out: BAGEL_CHECKPOINT (checkpoint folder;
-unset: the built-in demo model), BAGEL_NUM_STAGES, BAGEL_DEVICE, BAGEL_DTYPE.
+unset: the built-in demo model), BAGEL_NUM_STAGES, BAGEL_NUM_REPLICAS, BAGEL_CFG_PARALLEL,
+BAGEL_DEVICE, BAGEL_DTYPE.
 `num_stages: auto` and `quantize: auto` are filled in by the memory planner (cluster/plan.py).
 """
 from __future__ import annotations
 
 import os
-import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
 from bagel_model.hardware import profile_names
 from bagel_model.quantize import MODES, is_approximate
+
+from .topology import PLACEMENT_STRATEGIES, Topology, gpu_shares
 
 
 class Limits(BaseModel):
@@ -36,6 +38,24 @@ class Limits(BaseModel):
         return self.max_images * (self.max_upload_bytes * 4 // 3 + 4) + 2**20
 
 
+class Autoscaling(BaseModel):
+    """Serve's `autoscaling_config` for the replicas: between `min_replicas` and `max_replicas`,
+    aiming at `target_ongoing_requests` per replica. Other Serve autoscaling keys
+    (`upscale_delay_s`, `downscale_delay_s`, `metrics_interval_s`, ...) pass through unchanged."""
+
+    model_config = {"extra": "allow"}
+
+    min_replicas: int = Field(1, ge=1, description="a replica always answers (it serves /health)")
+    max_replicas: int = Field(ge=1)
+    target_ongoing_requests: float | None = Field(None, gt=0, description="null: Serve's default")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
 class AppArgs(BaseModel):
     model_config = {"extra": "forbid"}
 
@@ -44,6 +64,15 @@ class AppArgs(BaseModel):
     num_stages: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         1, description="pipeline stages (MoT workers); auto: the memory planner's choice")
     layer_sizes: list[int] | None = Field(None, description="LLM layers per stage (default: even split)")
+    num_replicas: int = Field(1, ge=1, description="complete, independent pipelines: Serve replicas of the "
+                              "ingress, each with its own stage workers")
+    cfg_parallel: int = Field(1, ge=1, le=3, description="branch groups per replica, each holding every stage's "
+                                           "weights: a denoising step's CFG branches run on them at once")
+    autoscaling_config: Autoscaling | None = Field(None, description="scale the replicas with load instead of "
+                                                   "num_replicas (Serve autoscaling)")
+    placement_strategy: Literal[PLACEMENT_STRATEGIES] = Field(  # type: ignore[valid-type]
+        "PACK", description="placement of each replica's stage workers (Serve's placement_group_strategy): PACK "
+        "together where they fit, STRICT_PACK on one node, SPREAD over nodes")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gpus_per_stage: float | None = Field(None, ge=0, description="GPU share of each stage worker (e.g. 1, or 0.25 "
@@ -97,6 +126,7 @@ class AppArgs(BaseModel):
     def _environment(cls, values: dict) -> dict:
         values = dict(values or {})
         env = {"checkpoint_dir": "BAGEL_CHECKPOINT", "num_stages": "BAGEL_NUM_STAGES",
+               "num_replicas": "BAGEL_NUM_REPLICAS", "cfg_parallel": "BAGEL_CFG_PARALLEL",
                "device": "BAGEL_DEVICE", "dtype": "BAGEL_DTYPE", "api_key": "BAGEL_API_KEY"}
         for key, var in env.items():
             if values.get(key) is None and os.environ.get(var):
@@ -116,6 +146,18 @@ class AppArgs(BaseModel):
             raise ValueError(f"simulate: unknown hardware profile {self.simulate!r}; known: {profile_names()}")
         return self
 
+    @model_validator(mode="after")
+    def _one_replica_count(self) -> AppArgs:
+        if self.autoscaling_config is not None and self.num_replicas != 1:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        return self
+
+    @property
+    def topology(self) -> Topology:
+        """Replicas (at most, with autoscaling) x branch groups x stages (once num_stages is planned)."""
+        replicas = self.autoscaling_config.max_replicas if self.autoscaling_config else self.num_replicas
+        return Topology(replicas, self.cfg_parallel, self.num_stages)
+
 
 def approximate_modes(args: AppArgs) -> list[str]:
     """The APPROXIMATE modes these args turn on (/health lists them); df11 is exact."""
@@ -124,22 +166,8 @@ def approximate_modes(args: AppArgs) -> list[str]:
     return [args.quantize] if is_approximate(args.quantize) else []
 
 
-def gpu_shares(num_stages: int, gpus: float) -> tuple[float, float, float]:
-    """GPU shares (per stage, encoder, decoder) that fit a cluster of `gpus` GPUs: a GPU per
-    stage when there are enough (encoder and decoder share a spare one, or squeeze in), else
-    the stages split 80% of each GPU they share and the encoder and decoder take 10% each."""
-    gpus = int(gpus)
-    if gpus < 1:
-        return 0.0, 0.0, 0.0
-    if gpus > num_stages:
-        return 1.0, 0.5, 0.5
-    if gpus == num_stages:
-        return 0.9, 0.05, 0.05
-    return math.floor(80 / math.ceil(num_stages / gpus)) / 100, 0.1, 0.1
-
-
 def with_gpu_shares(args: AppArgs, cluster_gpus: float) -> AppArgs:
-    """`args` with every unset GPU share filled in from the cluster's GPU count."""
-    stage, encoder, decoder = gpu_shares(args.num_stages, cluster_gpus)
-    chosen = {"gpus_per_stage": stage, "encoder_gpus": encoder, "decoder_gpus": decoder}
+    """`args` with every unset GPU share filled in from the cluster's GPU count (`gpu_shares`)."""
+    shares = gpu_shares(args.topology, cluster_gpus)
+    chosen = {"gpus_per_stage": shares.stage, "encoder_gpus": shares.encoder, "decoder_gpus": shares.decoder}
     return args.model_copy(update={k: v for k, v in chosen.items() if getattr(args, k) is None})

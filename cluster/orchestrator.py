@@ -1,9 +1,10 @@
 """The ingress deployment: what Serve needs and nothing else.
 
-Its constructor builds the `BagelService` (which creates the pipeline's stage workers, as one
-gang), the Python handle methods delegate to it, `check_health` tells Serve when the replica must
-be replaced, and the HTTP app (`http.py`) reaches the replica's service through the replica
-context.
+Each replica is one complete pipeline: its constructor builds the `BagelService`, which creates
+the replica's stage workers in the placement group Serve reserved for it (`build_app` sets the
+bundles, cluster/topology.py). The Python handle methods delegate to the service,
+`check_health` tells Serve when the replica must be replaced, and the HTTP app (`http.py`)
+reaches the replica's service through the replica context.
 """
 from __future__ import annotations
 
@@ -19,11 +20,18 @@ def _replica_service() -> BagelService:
     return serve.get_replica_context().servable_object.service
 
 
+def _replica_rank() -> int | None:
+    """This replica's index among the deployment's replicas (Serve's rank; reused by a
+    replacement), None where this Serve version has no ranks."""
+    rank = getattr(serve.get_replica_context(), "rank", None)
+    return getattr(rank, "rank", rank)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(create_app(_replica_service))
 class Orchestrator:
     def __init__(self, args: AppArgs, encoder, decoder, image_store=None):
-        self.service = BagelService(args, encoder, decoder, image_store=image_store)
+        self.service = BagelService(args, encoder, decoder, image_store=image_store, replica=_replica_rank())
 
     async def generate(self, task: ImageTask) -> ImageOutput:
         """Generate one image (text-to-image, editing, interleaved inputs)."""

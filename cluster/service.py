@@ -50,10 +50,11 @@ log = logging.getLogger("ray.serve")
 
 class BagelService:
     def __init__(self, args: AppArgs, encoder, decoder, make_stages: Callable[[], StageGroup] | None = None,
-                 image_store=None):
+                 image_store=None, replica: int | None = None):
         """`make_stages` builds the stage group (default: from `args`; tests inject their own);
-        `image_store`: the application's `ImageStoreDeployment` (default: a store in this process)."""
-        self.args, self.limits = args, args.limits
+        `image_store`: the application's `ImageStoreDeployment` (default: a store in this process);
+        `replica`: this replica's index among the deployment's (for /health)."""
+        self.args, self.limits, self.replica = args, args.limits, replica
         self.checkpoint = str(checkpoint_or_demo(args.checkpoint_dir))
         self.is_demo = is_demo_checkpoint(self.checkpoint)
         self.model_name = args.model_name or ("bagel-demo" if self.is_demo else Path(self.checkpoint).name)
@@ -81,8 +82,9 @@ class BagelService:
 
     def _make_stages(self) -> StageGroup:
         a = self.args
-        return StageGroup(self.checkpoint, self.config.llm.num_hidden_layers, a.num_stages, device=self.device,
-                          dtype=self.dtype, gpus_per_stage=a.gpus_per_stage, memory_fraction=a.stage_memory_fraction,
+        return StageGroup(self.checkpoint, self.config.llm.num_hidden_layers, a.num_stages,
+                          branch_groups=a.cfg_parallel, replica=self.replica, device=self.device, dtype=self.dtype,
+                          gpus_per_stage=a.gpus_per_stage, memory_fraction=a.stage_memory_fraction,
                           transport=a.transport, layer_sizes=a.layer_sizes, random_weights=a.random_weights,
                           compile=a.compile, fp8=a.fp8, quantize=a.quantize,
                           simulation=self.simulation)
@@ -229,12 +231,14 @@ class BagelService:
                           ("gpu_memory_bytes", "gpu_memory_bytes")):
             self.metrics.set(name, sum(s[key] or 0 for s in stages))
         self.metrics.set("queue_depth", self.admission.in_system)
-        return {"requests_in_system": self.admission.in_system, "requests_completed": self.completed,
+        return {"replica": self.replica, "topology": str(self.args.topology),
+                "requests_in_system": self.admission.in_system, "requests_completed": self.completed,
                 "kv_reserved_bytes": self.admission.kv_reserved, "image_reserved_bytes": self.admission.image_reserved,
                 "stages": stages}
 
     async def health(self) -> tuple[int, dict]:
-        """(HTTP status, body): 200 "ok" with the stages' stats; 503 "degraded" while the stage
+        """(HTTP status, body): 200 "ok" with every stage worker's stats (its replica, branch
+        group, stage and pid among them); 503 "degraded" while the stage
         workers are unreachable or being replaced; 503 "failed" once they cannot be rebuilt."""
         base = {"model": self.model_name, "demo": self.is_demo, "notice": DEMO_LABEL if self.is_demo else None,
                 "quantize": self.args.quantize, "approximate": approximate_modes(self.args),

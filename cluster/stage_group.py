@@ -1,23 +1,32 @@
-"""`StageGroup`: the N `StageWorker` actors of one pipeline, created together, and the
-submission of micro-batches through them.
+"""`StageGroup`: the stage workers of one replica — `branch_groups` copies of the pipeline
+(each holding every stage's weights) of `num_stages` `StageWorker` actors — created together,
+and the submission of work to them.
 
-A micro-batch is submitted to every stage at once as a chain of actor calls, each taking the
-previous stage's result (a small transport handle) as argument, so Ray starts stage k+1 only
-when stage k has sent its hidden states. Submissions from all threads are serialised under one
-lock, so every stage sees micro-batches in the same order. Several chains in flight keep the
+The workers go into the replica's placement group, which Serve reserved with the replica
+(`placement_group_bundles`, cluster/topology.py): worker `rank` in bundle 1 + rank, so a replica
+starts only when all its workers fit and they leave with it. Outside Serve (no placement group)
+they are plain actors.
+
+A micro-batch is submitted to the stages of one branch group as a chain of actor calls, each
+taking the previous stage's result (a small transport handle) as argument, so Ray starts stage
+k+1 only when stage k has sent its hidden states. Everything is submitted under one lock
+(`ordered()`), so every worker sees its calls in one global order: point-to-point transfers
+between two workers then always match (each transfer's send and receive belong to one
+submission), and no call waits for one submitted after it. Several chains in flight keep the
 stages busy at once (CFG branches of one step, steps of other requests).
 """
 from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from torch import Tensor
 
 from bagel_model.segments import Segment
 from bagel_model.simulated import Simulation
@@ -25,6 +34,8 @@ from bagel_model.stage import split_layers
 from pipelines.step import StepPart
 
 from .stage_worker import StageWorker
+from .topology import Topology
+from .transport import Transport
 
 
 def _latents_in(segments: list[Segment], dtype: torch.dtype) -> list[Segment]:
@@ -34,97 +45,145 @@ def _latents_in(segments: list[Segment], dtype: torch.dtype) -> list[Segment]:
     cast = {id(s.latents): s.latents.to(dtype) for s in segments if s.latents is not None}
     return [s if s.latents is None else replace(s, latents=cast[id(s.latents)]) for s in segments]
 
+
+@dataclass(frozen=True)
+class Call:
+    """A submitted call: its result, and the transfers (tag, sending worker) it or the chain it
+    ends made, released once the caller has waited for it."""
+
+    ref: ray.ObjectRef
+    sent: tuple[tuple[int, int], ...] = ()
+
+
 class StageGroup:
-    def __init__(self, checkpoint_dir: str, num_layers: int, num_stages: int, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, gpus_per_stage: float = 0.0,
-                 memory_fraction: float | None = None, transport: str = "auto",
+    def __init__(self, checkpoint_dir: str, num_layers: int, num_stages: int, *, branch_groups: int = 1,
+                 replica: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 gpus_per_stage: float = 0.0, memory_fraction: float | None = None, transport: str = "auto",
                  layer_sizes: list[int] | None = None, random_weights: bool = False,
-                 placement_timeout_s: float = 120.0, compile: bool | None = None, fp8: bool = False,
-                 quantize: str | None = None, simulation: Simulation | None = None):
+                 compile: bool | None = None, fp8: bool = False, quantize: str | None = None,
+                 simulation: Simulation | None = None):
         self.specs = split_layers(num_layers, num_stages, layer_sizes)
+        self.topology = Topology(1, branch_groups, num_stages)
         self.dtype = dtype
-        self._pg = None
-        options: dict = {"num_cpus": 0, "max_restarts": 0}
-        if gpus_per_stage > 0:
-            self._pg = placement_group([{"GPU": gpus_per_stage}] * num_stages, strategy="PACK")
-            try:
-                ray.get(self._pg.ready(), timeout=placement_timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                remove_placement_group(self._pg)
-                raise RuntimeError(
-                    f"cannot place {num_stages} stages of {gpus_per_stage} GPU each within "
-                    f"{placement_timeout_s} s: the cluster has {ray.available_resources().get('GPU', 0)} GPUs free"
-                ) from None
+        pg = get_current_placement_group()
+        if pg is not None and pg.bundle_count < 1 + self.topology.workers_per_replica:
+            raise RuntimeError(f"the replica's placement group has {pg.bundle_count} bundles; {branch_groups} branch "
+                               f"group(s) of {num_stages} stage(s) need {1 + self.topology.workers_per_replica}")
         worker_cls = ray.remote(StageWorker)
         self.workers = []
-        for spec in self.specs:
-            opts = dict(options, num_gpus=gpus_per_stage)
-            if self._pg is not None:
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, spec.index)
-            self.workers.append(worker_cls.options(**opts).remote(
-                checkpoint_dir, spec, device, dtype, memory_fraction, random_weights, compile, fp8, quantize,
-                simulation))
-        self.transport = self._choose_transport(transport, device)
+        for group in range(branch_groups):
+            for spec in self.specs:
+                opts: dict = {"num_cpus": 0, "num_gpus": gpus_per_stage, "max_restarts": 0}
+                if pg is not None:
+                    opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                        pg, placement_group_bundle_index=1 + self.rank(group, spec.index))
+                self.workers.append(worker_cls.options(**opts).remote(
+                    checkpoint_dir, spec, device, dtype, memory_fraction, random_weights, compile, fp8, quantize,
+                    simulation, branch_group=group, replica=replica))
+        gpus = ray.get([w.gpu.remote() for w in self.workers])
+        self.transport = transport if transport != "auto" or any(gpus) else "gloo"
         init_method = None
-        if self.transport in ("gloo", "nccl") and num_stages > 1:
+        if Transport.needs_process_group(self.transport, gpus):
             init_method = ray.get(self.workers[0].rendezvous_address.remote())
-        ray.get([w.init_transport.remote(self.transport, init_method) for w in self.workers])
-        self._lock = threading.Lock()
+        world = len(self.workers)
+        self.pids = ray.get([w.init_transport.remote(self.transport, rank, world, init_method, gpus)
+                             for rank, w in enumerate(self.workers)])
+        self._lock = threading.RLock()
         self._ids = itertools.count()
-        self._finished: list[int] = []
+        self._released: list[list[int]] = [[] for _ in self.workers]  # per worker, tags to drop on its next call
 
-    def _choose_transport(self, transport: str, device: str) -> str:
-        if transport != "auto":
-            return transport
-        if device == "cpu":
-            return "gloo"
-        gpus = ray.get([w.__ray_call__.remote(lambda self: str(torch.cuda.get_device_properties(
-            self.device).uuid)) for w in self.workers])
-        return "cuda_ipc" if len(set(gpus)) < len(gpus) else "nccl"
+    @property
+    def num_stages(self) -> int:
+        return self.topology.stages
 
-    def submit(self, segments: list[Segment], part: StepPart | None = None,
-               latents: ray.ObjectRef | None = None) -> tuple[int, ray.ObjectRef]:
-        """Start one micro-batch through every stage; returns its id and the last stage's result.
+    @property
+    def num_groups(self) -> int:
+        return self.topology.branch_groups
+
+    def rank(self, group: int, stage: int) -> int:
+        return self.topology.rank(group, stage)
+
+    @contextmanager
+    def ordered(self) -> Iterator[StageGroup]:
+        """Hold the submission order: calls made inside reach every worker in this order."""
+        with self._lock:
+            yield self
+
+    def _call(self, rank: int, method: str, *args) -> ray.ObjectRef:
+        released, self._released[rank] = self._released[rank], []
+        return getattr(self.workers[rank], method).remote(released, *args)
+
+    # -- submissions (inside `ordered()`) ----------------------------------------------------
+
+    def chain(self, group: int, segments: list[Segment], part: StepPart | None = None,
+              latents: Call | None = None, owner: int | None = None) -> Call:
+        """One micro-batch through the stages of a branch group; the call of its last stage.
         `part` goes to the first and last stage of a denoising step's micro-batches; `latents`
-        (the last stage's result of the image's previous step) to the first stage."""
+        (a `share` of the image's latents) to the first stage; `owner` (the rank of the image's
+        state owner, when another worker) to the last, which then sends it the velocities."""
         metadata = [s.metadata() for s in segments]
         segments = _latents_in(segments, self.dtype)
         with self._lock:
             microbatch = next(self._ids)
-            finished, self._finished = self._finished, []
-            ref = None
-            for worker, spec in zip(self.workers, self.specs):
+            ref, sent = None, []
+            for spec in self.specs:
+                rank = self.rank(group, spec.index)
                 ends = spec.is_first or spec.is_last
-                ref = worker.run.remote(microbatch, segments if spec.is_first else metadata, ref, finished,
-                                        part if ends else None, latents if spec.is_first else None)
-        return microbatch, ref
+                ref = self._call(rank, "run", microbatch, segments if spec.is_first else metadata, ref,
+                                 part if ends else None, latents.ref if latents and spec.is_first else None,
+                                 owner if spec.is_last else None)
+                if not spec.is_last or owner is not None:
+                    sent.append((microbatch, rank))
+        return Call(ref, tuple(sent))
 
-    def wait(self, submitted: list[tuple[int, ray.ObjectRef]]) -> list:
-        """The results of submitted micro-batches; they count as consumed afterwards, however the
-        wait ends (a stage may then drop what it kept for them)."""
+    def share(self, owner: int, key: str, dsts: list[int]) -> Call:
+        """The state owner sends image `key`'s latents to the workers `dsts` (which keep them
+        until the share is released: each micro-batch of the step reads them)."""
+        with self._lock:
+            tag = next(self._ids)
+            return Call(self._call(owner, "share", tag, key, dsts), tuple((tag, rank) for rank in [owner, *dsts]))
+
+    def gather(self, owner: int, parts: list[StepPart], velocities: list[Call]) -> Call:
+        """The state owner collects the velocities other branch groups' chains sent it."""
+        with self._lock:
+            return Call(self._call(owner, "gather", parts, *[c.ref for c in velocities]))
+
+    def move_context(self, src_group: int, dst_group: int, src: str, dst: str) -> list[Call]:
+        """Context `dst` on `dst_group` becomes a copy of `src` on `src_group`, stage by stage."""
+        calls = []
+        with self._lock:
+            for spec in self.specs:
+                sender, receiver = self.rank(src_group, spec.index), self.rank(dst_group, spec.index)
+                tag = next(self._ids)
+                handle = self._call(sender, "send_context", tag, src, receiver)
+                calls.append(Call(self._call(receiver, "recv_context", dst, handle), ((tag, sender),)))
+        return calls
+
+    # -- results -----------------------------------------------------------------------------
+
+    def wait(self, calls: list[Call]) -> list:
+        """The results of submitted calls; their transfers count as consumed afterwards, however
+        the wait ends (the senders may then drop what they kept for them)."""
         try:
-            return ray.get([ref for _, ref in submitted])
+            return ray.get([c.ref for c in calls])
         finally:
             with self._lock:
-                self._finished += [m for m, _ in submitted]
+                for call in calls:
+                    for tag, rank in call.sent:
+                        self._released[rank].append(tag)
 
-    def run(self, batches: list[list[Segment]]) -> list[list[Tensor | None]]:
-        """Run micro-batches concurrently through the pipeline; per batch, per segment outputs."""
-        return self.wait([self.submit(b) for b in batches])
-
-    def call_last(self, method: str, *args) -> ray.ObjectRef:
-        """Queue a call on the last stage behind every micro-batch submitted so far."""
+    def call_last(self, method: str, *args, group: int = 0) -> ray.ObjectRef:
+        """Queue a call on a branch group's last stage behind every call submitted so far."""
         with self._lock:
-            return getattr(self.workers[-1], method).remote(*args)
+            return getattr(self.workers[self.rank(group, self.num_stages - 1)], method).remote(*args)
 
-    def broadcast(self, method: str, *args) -> list:
-        """Call a method on every stage (in micro-batch order) and wait."""
+    def broadcast(self, method: str, *args, group: int | None = None) -> list:
+        """Call a method on every worker (of one branch group, if given), in order, and wait."""
+        ranks = range(len(self.workers)) if group is None else [self.rank(group, k) for k in range(self.num_stages)]
         with self._lock:
-            refs = [getattr(w, method).remote(*args) for w in self.workers]
+            refs = [getattr(self.workers[r], method).remote(*args) for r in ranks]
         return ray.get(refs)
 
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)
-        if self._pg is not None:
-            remove_placement_group(self._pg)

@@ -1,18 +1,21 @@
-"""`StageWorker`: one pipeline stage in its own process (a Ray actor).
+"""`StageWorker`: one pipeline stage of one branch group in its own process (a Ray actor).
 
 It owns a `StageRunner`: a `BagelStage` (its range of LLM layers, loaded straight from the
-checkpoint) and the KV caches of those layers for every live context. `run` takes one
-micro-batch: the first stage embeds the segments, the others receive hidden states from the
-previous stage; the last stage returns per-segment outputs (logits) on the CPU, the others send
-hidden states on.
+checkpoint) and the KV caches of those layers for the contexts its branch group holds. `run`
+takes one micro-batch: the first stage embeds the segments, the others receive hidden states
+from the previous stage; the last stage returns per-segment outputs (logits) on the CPU, the
+others send hidden states on.
 
-Denoising steps keep the sampler's state on the last stage, in a `SamplerStates`
-(pipelines/step.py): a `StepPart` travels with every micro-batch of a step, and when the step's
-last branch is through, the last stage applies the `EulerStep` to the image's latents (float32,
-on its device). It returns them only when the first stage is another process (which embeds them
-next step) or the step is the final one, so with one stage the latents never leave the GPU and
-steps can be queued back to back.
-Actor calls execute in submission order, which keeps every stage on the same micro-batch order.
+Denoising steps keep the sampler's state on the last stage of the branch group that runs the
+image's COND branch (the state owner), in a `SamplerStates` (pipelines/step.py): a `StepPart`
+travels with every micro-batch of a step. The owner collects its own velocities in `run`; the
+last stages of other branch groups send theirs to it, and `gather` collects those. When a step's
+last branch is in, the owner applies the `EulerStep` to the image's latents (float32, on its
+device). It returns them only after the final step; before a step whose first stages live in
+other processes, `share` sends them there (stage dtype), so latents stay on the devices.
+A context can move to another branch group (`send_context` / `recv_context`: a fork whose copy
+runs elsewhere), its K/V going device to device like everything else (transport.py).
+Actor calls execute in submission order, which keeps every worker on the same order.
 """
 from __future__ import annotations
 
@@ -44,16 +47,19 @@ from .transport import Handle, Transport
 class StageWorker:
     def __init__(self, checkpoint_dir: str, spec: StageSpec, device: str, dtype: torch.dtype,
                  memory_fraction: float | None = None, random_weights: bool = False, compile: bool | None = None,
-                 fp8: bool = False, quantize: str | None = None, simulation: Simulation | None = None):
-        """`simulation`: no model; the runner sleeps for what the hardware profile says (bench/simulate.py)."""
-        self.spec, self.dtype = spec, dtype
+                 fp8: bool = False, quantize: str | None = None, simulation: Simulation | None = None, *,
+                 branch_group: int = 0, replica: int | None = None):
+        """`simulation`: no model; the runner sleeps for what the hardware profile says (bench/simulate.py).
+        `branch_group`, `replica`: where this worker sits in the topology (for /health)."""
+        self.spec, self.dtype, self.branch_group, self.replica = spec, dtype, branch_group, replica
         self.device = resolve_device(device)
         if simulation is not None:
             self.runner = SimulatedRunner(BagelConfig.from_checkpoint_dir(checkpoint_dir), spec, simulation, dtype)
         else:
             self.runner = self._load(checkpoint_dir, memory_fraction, random_weights, compile, fp8, quantize)
         self.transport: Transport | None = None
-        self.samplers = SamplerStates(self.device)  # last stage: the images being denoised
+        self.samplers = SamplerStates(self.device)  # state owner: the images being denoised
+        self._shared: dict[int, Tensor] = {}  # first stage: latents received, by share tag (read by each branch)
         self.busy_s = 0.0  # time spent computing micro-batches (not waiting for the previous stage)
 
     def _load(self, checkpoint_dir: str, memory_fraction: float | None, random_weights: bool,
@@ -82,17 +88,26 @@ class StageWorker:
             port = s.getsockname()[1]
         return f"tcp://{host}:{port}"
 
-    def init_transport(self, kind: str, init_method: str | None) -> int:
-        self.transport = Transport(kind, self.spec.index, self.spec.num_stages, init_method, self.device)
+    def gpu(self) -> str | None:
+        """This worker's GPU (its uuid), None on the CPU: which peers CUDA IPC can reach."""
+        if self.device.type != "cuda":
+            return None
+        return str(torch.cuda.get_device_properties(self.device).uuid)
+
+    def init_transport(self, kind: str, rank: int, world_size: int, init_method: str | None,
+                       gpus: list[str | None]) -> int:
+        self.transport = Transport(kind, rank, world_size, init_method, self.device, gpus)
         return os.getpid()
 
     @torch.inference_mode()
-    def run(self, microbatch: int, segments: list[Segment], upstream: Handle | None, released: list[int],
-            part: StepPart | None = None, latents: Tensor | None = None) -> Handle | list | Tensor | None:
+    def run(self, released: list[int], microbatch: int, segments: list[Segment], upstream: Handle | None,
+            part: StepPart | None = None, latents: Handle | None = None,
+            owner: int | None = None) -> Handle | list | Tensor | None:
         """`part`: this micro-batch computes these branches of a denoising step; `latents`: the
-        image's latents for noise segments without any (sent by the last stage when it is
-        another process)."""
-        self.transport.release(released)
+        image's latents for noise segments without any (shared by the state owner when it is
+        another process); `owner`: the state owner's rank when it is another process (the last
+        stage sends it the velocities)."""
+        self._release(released)
         hidden = None if self.spec.is_first else self.transport.recv(upstream)
         start = time.perf_counter()
         try:
@@ -100,31 +115,69 @@ class StageWorker:
                 segments = self._with_latents(segments, part, latents)
             out = self.runner.run(segments, hidden)
             if not self.spec.is_last:
-                return self.transport.send(out, microbatch)
+                return self.transport.send(out, microbatch, [self.transport.rank + 1])
             if part is not None:
-                return self._step(part, out)
+                if owner is not None:
+                    return self.transport.send(torch.stack(out), microbatch, [owner])
+                return self._step([part], [out])
             return [None if o is None else o.cpu() for o in out]
         finally:
             self.busy_s += time.perf_counter() - start
 
-    def _with_latents(self, segments: list[Segment], part: StepPart, latents: Tensor | None) -> list[Segment]:
-        if self.spec.is_last:  # one stage: the state lives here
+    def _with_latents(self, segments: list[Segment], part: StepPart, latents: Handle | None) -> list[Segment]:
+        if latents is None:  # the state lives here (or the segments carry the first step's latents)
             return self.samplers.fill([part], segments)
-        return [replace(s, latents=latents) if s.kind is SegmentKind.NOISE and s.latents is None else s
+        x = self._shared.get(latents.tag)
+        if x is None:
+            x = self._shared[latents.tag] = self.transport.recv(latents)
+        return [replace(s, latents=x) if s.kind is SegmentKind.NOISE and s.latents is None else s
                 for s in segments]
 
-    def _step(self, part: StepPart, velocities: list[Tensor]) -> Tensor | None:
-        """Collect the part's velocities; after the step's last branch, the image's latents
-        where they must go."""
-        out = self.samplers.collect([part], velocities).get(part.key)
-        if out is None:
+    @torch.inference_mode()
+    def gather(self, released: list[int], parts: list[StepPart], *velocities: Handle) -> Tensor | None:
+        """State owner: collect the velocities other branch groups computed for these parts."""
+        self._release(released)
+        return self._step(parts, [list(self.transport.recv(h).unbind(0)) for h in velocities])
+
+    def _step(self, parts: list[StepPart], velocities: list[list[Tensor]]) -> Tensor | None:
+        """Collect the parts' velocities (one image's); after its final step, its latents
+        (float32, CPU)."""
+        out = self.samplers.collect(parts, [v for vs in velocities for v in vs]).get(parts[0].key)
+        return out.x.cpu() if out is not None and parts[0].step.final else None
+
+    def share(self, released: list[int], tag: int, key: str, dsts: list[int]) -> Handle:
+        """State owner: send the image's latents (stage dtype) to the first stages of `dsts`."""
+        self._release(released)
+        return self.transport.send(self.samplers.latents(key).to(self.dtype), tag, dsts)
+
+    def send_context(self, released: list[int], tag: int, context_id: str, dst: int) -> Handle | None:
+        """This stage's K/V of a context, [layers, 2, tokens, kv_heads, head_dim], to `dst`
+        (None: the context holds nothing here)."""
+        self._release(released)
+        entries = [self.runner.cache.get(context_id, layer) for layer in self.spec.layers]
+        if entries[0] is None:
             return None
-        if part.step.final:
-            return out.x.cpu()
-        return None if self.spec.is_first else out.x.to(self.dtype).cpu()
+        return self.transport.send(torch.stack([torch.stack(kv) for kv in entries]), tag, [dst])
+
+    def recv_context(self, released: list[int], context_id: str, handle: Handle | None) -> None:
+        """Context `context_id` becomes what another branch group's `send_context` sent."""
+        self._release(released)
+        if context_id in self.runner.cache.context_ids():
+            raise ValueError(f"context {context_id!r} already exists")
+        if handle is None:
+            return
+        packed = self.transport.recv(handle)
+        for i, layer in enumerate(self.spec.layers):
+            self.runner.cache.append(context_id, layer, packed[i, 0], packed[i, 1])
+
+    def _release(self, tags: list[int]) -> None:
+        """The orchestrator has seen these transfers consumed."""
+        self.transport.release(tags)
+        for tag in tags:
+            self._shared.pop(tag, None)
 
     def predicted_clean(self, key: str) -> Tensor:
-        """Last stage: the clean latents the image's last applied step predicts (for a preview;
+        """State owner: the clean latents the image's last applied step predicts (for a preview;
         queued right behind that step, so it never holds up the next one for long)."""
         return self.samplers.predicted_clean(key).float().cpu()
 
@@ -138,7 +191,7 @@ class StageWorker:
     def stats(self) -> dict:
         memory = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
         contexts = self.runner.cache.context_ids()
-        return {"stage": self.spec.index, "layers": [self.spec.layers.start, self.spec.layers.stop],
-                "live_contexts": len(contexts), "context_ids": contexts,
-                "kv_bytes": self.runner.cache.nbytes(), "latent_states": self.samplers.keys(), "gpu_memory_bytes": memory, "pid": os.getpid(),
-                "busy_s": self.busy_s}
+        return {"replica": self.replica, "branch_group": self.branch_group, "stage": self.spec.index,
+                "pid": os.getpid(), "layers": [self.spec.layers.start, self.spec.layers.stop],
+                "live_contexts": len(contexts), "context_ids": contexts, "kv_bytes": self.runner.cache.nbytes(),
+                "latent_states": self.samplers.keys(), "gpu_memory_bytes": memory, "busy_s": self.busy_s}

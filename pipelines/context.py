@@ -26,6 +26,13 @@ class Context:
     history: tuple = field(default_factory=tuple)  # one entry per appended block, for equality checks
 
 
+def context_name(context_id: str) -> tuple[str, str]:
+    """(request id, name) of a context id made by `Session.new`: an executor that places a
+    request's contexts (the cluster's CFG-parallel branch groups) reads what each is for here."""
+    request, _, tail = context_id.rpartition("/")
+    return request, tail.rstrip("0123456789")
+
+
 class Session:
     """The contexts of one request."""
 
@@ -36,6 +43,7 @@ class Session:
         self._count = itertools.count()
 
     def new(self, name: str) -> Context:
+        """A context named `name` (the sampler's contexts are named by their `Branch`)."""
         context = Context(f"{self.request_id}/{name}{next(self._count)}")
         self._created.append(context.context_id)
         return context

@@ -76,7 +76,7 @@ def generate_image(executor: Executor, items: list[Item], params: ImageParams, *
     text_params.validate()
     noise = noise or NoiseSource()
     with Session(executor, request_id) as session:
-        cond, cfg_text, cfg_img = session.new("cond"), session.new("cfg_text"), session.new("cfg_img")
+        cond, cfg_text, cfg_img = (session.new(b.value) for b in (Branch.COND, Branch.CFG_TEXT, Branch.CFG_IMG))
         size = (cfg.max_image_side, cfg.max_image_side)
         if think:
             session.append_text([cond, cfg_img], tok.encode(GEN_THINK_SYSTEM_PROMPT))
@@ -131,7 +131,7 @@ def understand(executor: Executor, items: list[Item], text_params: TextParams = 
     text_params.validate()
     noise = NoiseSource(seed)
     with Session(executor, request_id) as session:
-        cond = session.new("cond")
+        cond = session.new(Branch.COND.value)
         if think:
             session.append_text([cond], executor.tokenizer.encode(VLM_THINK_SYSTEM_PROMPT))
         for item in items:
@@ -161,7 +161,7 @@ def _generate(session: Session, context: Context, params: TextParams, generator:
 def _refork(session: Session, cond: Context, old: Context) -> Context:
     """The text-free branch becomes a copy of the conditional context as it is now."""
     session.release(old)
-    return session.fork(cond, "cfg_text")
+    return session.fork(cond, Branch.CFG_TEXT.value)
 
 
 def _append_image(session: Session, context: Context, image: Image.Image, noise: NoiseSource,

@@ -34,6 +34,7 @@ class FakeGroup:
         self.generation = generation
         self.specs = split_layers(2, 1)
         self.workers = [None]
+        self.num_stages = self.num_groups = 1
         self.shut_down = False
 
     def broadcast(self, method: str) -> list[dict]:
