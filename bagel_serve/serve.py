@@ -25,6 +25,9 @@ def add_serve(subparsers) -> None:
     p.add_argument("--quantize", choices=quantize_choices(), default=None,
                    help="weight format of the LLM's linear layers (default: the config's): none (exact bf16), "
                         "df11 (lossless), int8, nf4, fp8 (APPROXIMATE), auto (the memory planner's choice)")
+    p.add_argument("--num-replicas", type=int, default=None, help="independent pipelines (Serve replicas)")
+    p.add_argument("--cfg-parallel", type=int, default=None, choices=(1, 2, 3),
+                   help="branch groups per replica: CFG branches run at once")
     p.set_defaults(run=run_serve)
 
 
@@ -49,6 +52,9 @@ def run_serve(args: argparse.Namespace) -> int:
         app_args["num_stages"] = args.num_stages
     if args.quantize:
         app_args["quantize"] = quantize_arg(args.quantize)
+    for key in ("num_replicas", "cfg_parallel"):
+        if getattr(args, key):
+            app_args[key] = getattr(args, key)
     http = config.get("http_options", {})
     host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
 
@@ -76,7 +82,8 @@ def run_serve(args: argparse.Namespace) -> int:
     checkpoint = validated.checkpoint_dir or "the built-in demo model (RANDOM weights: outputs are noise)"
     if validated.simulate:
         checkpoint = f"SIMULATED {validated.simulate} GPUs (no model: outputs are noise)"
-    print(f"bagel-serve is up on http://{host}:{port} with {checkpoint}, {validated.num_stages} stage(s).\n"
+    print(f"bagel-serve is up on http://{host}:{port} with {checkpoint}, topology {validated.topology} "
+          f"(replicas x cfg_parallel x stages).\n"
           f"  try: curl http://{host}:{port}/health   (Ctrl-C stops it)", flush=True)
     try:
         import time

@@ -231,7 +231,7 @@ class BagelService:
                           ("gpu_memory_bytes", "gpu_memory_bytes")):
             self.metrics.set(name, sum(s[key] or 0 for s in stages))
         self.metrics.set("queue_depth", self.admission.in_system)
-        return {"replica": self.replica, "topology": str(self.args.topology),
+        return {"replica": self.replica, "topology": str(self.args.topology), "links": self.stages.links,
                 "requests_in_system": self.admission.in_system, "requests_completed": self.completed,
                 "kv_reserved_bytes": self.admission.kv_reserved, "image_reserved_bytes": self.admission.image_reserved,
                 "stages": stages}
@@ -240,9 +240,9 @@ class BagelService:
         """(HTTP status, body): 200 "ok" with every stage worker's stats (its replica, branch
         group, stage and pid among them); 503 "degraded" while the stage
         workers are unreachable or being replaced; 503 "failed" once they cannot be rebuilt."""
-        base = {"model": self.model_name, "demo": self.is_demo, "notice": DEMO_LABEL if self.is_demo else None,
-                "quantize": self.args.quantize, "approximate": approximate_modes(self.args),
-                "simulated": self.args.simulate}
+        base = {"model": self.model_name, "replica": self.replica, "demo": self.is_demo,
+                "notice": DEMO_LABEL if self.is_demo else None, "quantize": self.args.quantize,
+                "approximate": approximate_modes(self.args), "simulated": self.args.simulate}
         if self.supervisor.state == "failed":
             return 503, {**base, "status": "failed", "error": self.supervisor.error}
         if self.supervisor.state == "restarting":

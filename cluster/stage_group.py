@@ -82,6 +82,9 @@ class StageGroup:
                     simulation, branch_group=group, replica=replica))
         gpus = ray.get([w.gpu.remote() for w in self.workers])
         self.transport = transport if transport != "auto" or any(gpus) else "gloo"
+        # How tensors travel between workers (for /health): per pair where the kind is auto.
+        self.links = sorted({"cuda_ipc" if a == b else "nccl" for a, b in itertools.combinations(gpus, 2)}) \
+            if self.transport == "auto" else [self.transport]
         init_method = None
         if Transport.needs_process_group(self.transport, gpus):
             init_method = ray.get(self.workers[0].rendezvous_address.remote())

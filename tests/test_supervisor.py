@@ -35,6 +35,7 @@ class FakeGroup:
         self.specs = split_layers(2, 1)
         self.workers = [None]
         self.num_stages = self.num_groups = 1
+        self.links = ["gloo"]
         self.shut_down = False
 
     def broadcast(self, method: str) -> list[dict]:
