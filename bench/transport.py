@@ -43,7 +43,7 @@ class Peer:
 
     def send(self, numel: int, microbatch: int):
         tensor = torch.randn(numel, device=self.device, dtype=torch.bfloat16)
-        return self.transport.send(tensor, microbatch)
+        return self.transport.send(tensor, microbatch, [1 - self.rank])
 
     def recv(self, handle) -> float:
         out = self.transport.recv(handle)

@@ -90,8 +90,3 @@ class Transport:
         """The receivers have consumed these transfers: drop what was kept for them."""
         for tag in tags:
             self._kept.pop(tag, None)
-
-    def _drain(self) -> None:
-        for work, _ in self._pending:
-            work.wait()
-        self._pending.clear()

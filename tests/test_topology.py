@@ -82,7 +82,7 @@ def test_one_big_gpu_holds_every_topology_of_the_gpu_run():
     with pytest.raises(TopologyError, match="more than the 24.0 GiB"):
         fits("1x2x1", h200, memory_fraction=24 / 141)
     # Four whole models (106 GiB) fit 141 GiB; a fifth does not.
-    with pytest.raises(TopologyError, match="one GPU would hold 131.7 GiB"):
+    with pytest.raises(TopologyError, match="one GPU would hold 132.0 GiB"):
         fits("5x1x1", h200)
 
 
