@@ -38,9 +38,10 @@ from pipelines.context import context_name
 from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
 from pipelines.params import EDIT_DEFAULTS, ImageParams
+from pipelines.previews import render_preview
 from pipelines.tasks import generate_image
 
-from .service_app import APP_NAME, data_url, max_pixel_diff, running_app
+from .service_app import APP_NAME, data_url, max_pixel_diff, running_app, sse_events
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 
@@ -127,6 +128,19 @@ def test_contexts_are_placed_by_branch_and_requests_spread_over_groups():
     assert [two._place(f"c/{n}") for n in ("cond0", "cfg_text1", "cfg_img2")] == [0, 1, 1]
     executor._forget(["a/cond0", "a/cfg_text1", "a/cfg_img2", "a/decode3"])
     assert "a" not in executor._requests and place("d/cond0") == 0
+
+
+def test_previews_are_asked_of_the_image_state_owner():
+    """predicted_clean goes to the last stage of the group holding the image's COND branch
+    (where its sampler state lives), not to group 0's."""
+    asked = []
+    stages = SimpleNamespace(num_stages=2, num_groups=2,
+                             call_last=lambda method, *args, group: asked.append((method, args, group)))
+    executor = ClusterExecutor(None, None, stages, None, None)
+    assert [executor._place(c) for c in ("a/cond0", "b/cond0")] == [0, 1]
+    executor.predicted_clean("b/cond0")
+    executor.predicted_clean("a/cond0")
+    assert asked == [("predicted_clean", ("b/cond0",), 1), ("predicted_clean", ("a/cond0",), 0)]
 
 
 # -- the Serve app ----------------------------------------------------------------------------
@@ -221,8 +235,38 @@ def test_topology_serves_the_in_process_images(topology, ray_url, checkpoint_dir
             assert r.status_code == 200, r.text
             diff = max_pixel_diff(r.json()["data"][0]["b64_json"], image)
             assert diff <= 1, f"{topology} {what}: max pixel difference {diff}"
+        if topology == "1x2x1":
+            assert_previews(client, checkpoint_dir)
         for health in healths(client, replicas).values():
             assert all(s["live_contexts"] == 0 and not s["latent_states"] for s in health["stages"])
+
+
+def assert_previews(client: httpx.Client, checkpoint_dir: Path) -> None:
+    """Two streamed requests at once (the second's COND branch lands on group 1): each one's
+    previews come from its state owner and equal the in-process pipeline's."""
+    executor, previews = LocalExecutor.from_checkpoint(checkpoint_dir, dtype=torch.float32), []
+    params = replace(T2I, num_timesteps=6)
+    generate_image(executor, [PROMPT], params, noise=NoiseSource(1), previews=2, on_preview=previews.append)
+    expected = [render_preview(executor, p.latent(), "linear") for p in previews]
+    streams: list[list] = []
+
+    def stream() -> None:
+        body = t2i_body(num_timesteps=6, partial_images=2, stream=True)
+        with client.stream("POST", "/v1/images/generations", json=body) as response:
+            streams.append([e for e in sse_events(response.iter_lines()) if isinstance(e, dict)])
+
+    threads = [threading.Thread(target=stream) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(streams) == 2
+    for events in streams:
+        partials = [e for e in events if e["type"] == "image_generation.partial_image"]
+        assert events[-1]["type"] == "image_generation.completed", events[-1]
+        assert len(partials) == 2
+        for event, image in zip(partials, expected, strict=True):
+            assert max_pixel_diff(event["b64_json"], image) <= 1
 
 
 def test_replicas_share_the_load_and_fail_alone(ray_url, checkpoint_dir, expected):
