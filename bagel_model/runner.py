@@ -54,6 +54,21 @@ class StageRunner:
     def fork(self, src: str, dst: str) -> None:
         self.cache.fork(src, dst)
 
+    def export_context(self, context_id: str) -> Tensor | None:
+        """This stage's K/V of a context as one tensor, [layers, 2, tokens, kv_heads, head_dim]
+        (None: the context holds nothing here), for `import_context` in another process."""
+        entries = [self.cache.get(context_id, layer) for layer in self.stage.stage.layers]
+        if entries[0] is None:
+            return None
+        return torch.stack([torch.stack(kv) for kv in entries])
+
+    def import_context(self, context_id: str, packed: Tensor) -> None:
+        """A new context holding what `export_context` packed."""
+        if context_id in self.cache.context_ids():
+            raise ValueError(f"context {context_id!r} already exists")
+        for i, layer in enumerate(self.stage.stage.layers):
+            self.cache.append(context_id, layer, packed[i, 0], packed[i, 1])
+
     def free(self, context_ids: list[str]) -> None:
         """Drop these contexts' caches and the denoising graphs that read them."""
         self.cache.free(context_ids)

@@ -136,6 +136,23 @@ class SimulatedRunner:
     def fork(self, src: str, dst: str) -> None:
         self.cache.fork(src, dst)
 
+    def export_context(self, context_id: str) -> Tensor | None:
+        """`StageRunner.export_context`: the context's token count, after the link time of its
+        K/V bytes (a branch group's fork moving to another group)."""
+        tokens = self.cache.length(context_id)
+        if context_id not in self.cache.context_ids():
+            return None
+        start, link = time.perf_counter(), self.simulation.profile.link
+        seconds = link.seconds(tokens * self.cache.bytes_per_token)
+        self.link_s += seconds
+        self.simulation.wait(seconds, start)
+        return torch.tensor([tokens])
+
+    def import_context(self, context_id: str, packed: Tensor) -> None:
+        if context_id in self.cache.context_ids():
+            raise ValueError(f"context {context_id!r} already exists")
+        self.cache.append(context_id, int(packed[0]))
+
     def free(self, context_ids: list[str]) -> None:
         self.cache.free(context_ids)
 

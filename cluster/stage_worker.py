@@ -151,24 +151,19 @@ class StageWorker:
         return self.transport.send(self.samplers.latents(key).to(self.dtype), tag, dsts)
 
     def send_context(self, released: list[int], tag: int, context_id: str, dst: int) -> Handle | None:
-        """This stage's K/V of a context, [layers, 2, tokens, kv_heads, head_dim], to `dst`
-        (None: the context holds nothing here)."""
+        """This stage's K/V of a context (`StageRunner.export_context`) to `dst` (None: the
+        context holds nothing here)."""
         self._release(released)
-        entries = [self.runner.cache.get(context_id, layer) for layer in self.spec.layers]
-        if entries[0] is None:
-            return None
-        return self.transport.send(torch.stack([torch.stack(kv) for kv in entries]), tag, [dst])
+        packed = self.runner.export_context(context_id)
+        return None if packed is None else self.transport.send(packed, tag, [dst])
 
     def recv_context(self, released: list[int], context_id: str, handle: Handle | None) -> None:
         """Context `context_id` becomes what another branch group's `send_context` sent."""
         self._release(released)
         if context_id in self.runner.cache.context_ids():
             raise ValueError(f"context {context_id!r} already exists")
-        if handle is None:
-            return
-        packed = self.transport.recv(handle)
-        for i, layer in enumerate(self.spec.layers):
-            self.runner.cache.append(context_id, layer, packed[i, 0], packed[i, 1])
+        if handle is not None:
+            self.runner.import_context(context_id, self.transport.recv(handle))
 
     def _release(self, tags: list[int]) -> None:
         """The orchestrator has seen these transfers consumed."""

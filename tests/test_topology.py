@@ -27,12 +27,14 @@ import pytest
 import torch
 from ray import serve
 
+from bagel_model.config import BagelConfig
 from bagel_model.demo import demo_config, demo_tokenizer, write_checkpoint
+from bagel_model.memory_plan import stage_weight_bytes
+from bagel_model.segments import Segment
+from bagel_model.simulated import SimulatedRunner, Simulation
+from bagel_model.stage import split_layers
 from bagel_model.transforms import open_image
 from cluster.executor import ClusterExecutor
-from bagel_model.config import BagelConfig
-from bagel_model.memory_plan import stage_weight_bytes
-from bagel_model.stage import split_layers
 from cluster.topology import Cluster, Shares, Topology, TopologyError, check_fits, fitting, gpu_shares, replica_bundles
 from pipelines.context import context_name
 from pipelines.local import LocalExecutor
@@ -141,6 +143,37 @@ def test_previews_are_asked_of_the_image_state_owner():
     executor.predicted_clean("b/cond0")
     executor.predicted_clean("a/cond0")
     assert asked == [("predicted_clean", ("b/cond0",), 1), ("predicted_clean", ("a/cond0",), 0)]
+
+
+def test_a_context_moves_between_runners_whole(checkpoint_dir, h200_simulation):
+    """A fork whose copy runs on another branch group: `export_context` / `import_context` carry
+    every layer's K/V (the real runner) or the token count after the link's time (simulated)."""
+    source, target = (LocalExecutor.from_checkpoint(checkpoint_dir, dtype=torch.float32).runners[0] for _ in range(2))
+    source.run([Segment.text("r/cond0", list(range(5, 12)), 0)])
+    target.import_context("r/cfg_text0", source.export_context("r/cond0"))
+    for layer in source.cache.layers:
+        for a, b in zip(source.cache.get("r/cond0", layer), target.cache.get("r/cfg_text0", layer), strict=True):
+            assert torch.equal(a, b)
+    assert source.export_context("unknown") is None
+    with pytest.raises(ValueError, match="already exists"):
+        target.import_context("r/cfg_text0", source.export_context("r/cond0"))
+
+    config = BagelConfig()
+    spec = split_layers(config.llm.num_hidden_layers, 2)[0]
+    sim_source, sim_target = (SimulatedRunner(config, spec, h200_simulation, torch.bfloat16) for _ in range(2))
+    sim_source.cache.append("r/cond0", 3000)
+    t = time.perf_counter()
+    sim_target.import_context("r/cfg_text0", sim_source.export_context("r/cond0"))
+    elapsed = time.perf_counter() - t
+    link = h200_simulation.profile.link.seconds(3000 * sim_source.cache.bytes_per_token)
+    assert sim_target.cache.length("r/cfg_text0") == 3000 and sim_source.link_s == pytest.approx(link)
+    assert link * h200_simulation.time_scale <= elapsed
+    assert sim_source.export_context("unknown") is None
+
+
+@pytest.fixture
+def h200_simulation() -> Simulation:
+    return Simulation.named("h200", time_scale=1.0)
 
 
 # -- the Serve app ----------------------------------------------------------------------------
