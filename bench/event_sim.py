@@ -12,7 +12,8 @@ model of a hardware `Profile`, scheduling as the service does:
   step's CFG branches into separate micro-batches, one stage packs them into one call;
 - step i+1 is submitted when step i has been submitted and step i-1 has finished (the
   orchestrator runs one step ahead); with several stages, or on a branch group other than the
-  conditional one, its first stage waits for step i's latents;
+  conditional one, its first stage waits for step i's latents, so while other images of the
+  replica are being denoised it is submitted only once step i has finished (ClusterExecutor);
 - CFG-parallel: each branch's context lives on its group (COND, text-free, image-free on groups
   0, 1, 2 modulo the group count); a context forked across groups is copied over the link; the
   velocities of the other groups go to the conditional group's last stage, which applies the step;
@@ -321,6 +322,7 @@ class Replica:
     encoder: Device
     decoder: Device
     in_flight: int = 0
+    denoising: int = 0  # images between their first and final step
 
 
 @dataclass
@@ -414,6 +416,11 @@ class Model:
             elif call.kind == "decode_latents":
                 yield replica.decoder.submit(p.vae_decode_s(config, *call.size), [])
             elif call.kind == "denoise":
+                if previous is None:
+                    replica.denoising += 1
+                elif self.waits_for_latents(call) and replica.denoising > 1:
+                    yield previous
+                    previous = None
                 step = self.step(env, replica, call, previous)
                 if previous is not None:
                     yield previous
@@ -421,6 +428,11 @@ class Model:
                 if call.final:
                     yield step
                     previous = None
+                    replica.denoising -= 1
+
+    def waits_for_latents(self, call: Call) -> bool:
+        """Whether a (non-first) step's first stages wait for the previous step's latents."""
+        return self.split or any(self.group_of(seg) != COND_GROUP for seg in call.segments)
 
     def step(self, env: Env, replica: Replica, call: Call, previous: Event | None) -> Event:
         """Submit one denoising step; the returned event: its latents are updated. One group of
@@ -434,7 +446,7 @@ class Model:
         for seg in call.segments:
             by_group.setdefault(self.group_of(seg), []).append(seg.block)
         for g, blocks in by_group.items():
-            after = [previous] if previous is not None and (self.split or self.topology.cfg_parallel > 1) else []
+            after = [previous] if previous is not None and (self.split or g != COND_GROUP) else []
             extra = 0.0 if g == COND_GROUP else p.link.seconds(latent_bytes)  # velocities to the COND group
             for batch in ([[b] for b in blocks] if self.split else [blocks]):
                 done.append(self.chain(replica, g, batch, after, extra))

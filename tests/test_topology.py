@@ -13,6 +13,7 @@ replica under load and removes it afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -37,10 +38,12 @@ from bagel_model.transforms import open_image
 from cluster.executor import ClusterExecutor
 from cluster.topology import Cluster, Shares, Topology, TopologyError, check_fits, fitting, gpu_shares, replica_bundles
 from pipelines.context import context_name
+from pipelines.guidance import Branch
 from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
 from pipelines.params import EDIT_DEFAULTS, ImageParams
 from pipelines.previews import render_preview
+from pipelines.step import EulerStep
 from pipelines.tasks import generate_image
 
 from .service_app import APP_NAME, data_url, max_pixel_diff, running_app, sse_events
@@ -143,6 +146,63 @@ def test_previews_are_asked_of_the_image_state_owner():
     executor.predicted_clean("b/cond0")
     executor.predicted_clean("a/cond0")
     assert asked == [("predicted_clean", ("b/cond0",), 1), ("predicted_clean", ("a/cond0",), 0)]
+
+
+class RecordingStages:
+    """`StageGroup`'s submission interface for `ClusterExecutor.denoise`, recording what is
+    submitted and waited for, in order."""
+
+    def __init__(self, num_stages: int, num_groups: int = 1):
+        self.num_stages, self.num_groups, self.log = num_stages, num_groups, []
+
+    def rank(self, group: int, stage: int) -> int:
+        return group * self.num_stages + stage
+
+    @contextlib.contextmanager
+    def ordered(self):
+        yield self
+
+    def share(self, owner, key, firsts):
+        self.log.append(("share", key))
+        return ("share", key)
+
+    def chain(self, group, segments, part=None, latents=None, owner=None):
+        self.log.append(("chain", part.key, part.step.index))
+        return ("chain", part.key, part.step.index)
+
+    def gather(self, owner, parts, calls):
+        return ("gather",)
+
+    def wait(self, calls):
+        self.log.append(("wait", *sorted({c[1:] for c in calls if c[0] == "chain"})))
+        return [None] * len(calls)
+
+
+@pytest.mark.parametrize("num_stages", [1, 3])
+def test_a_step_that_would_stall_the_stages_waits_for_its_latents(num_stages):
+    """One image alone runs one step ahead. With another image being denoised, a step whose first
+    stages wait for the previous step's latents (several stages) is submitted only once that
+    step has finished, so it never holds the other image's ready work up at a stage's head of
+    queue; with one stage the latents never leave it, and steps still queue back to back."""
+    stages = RecordingStages(num_stages)
+    executor = ClusterExecutor(None, None, stages, None, None)
+    grid = (2, 2)
+    x0 = torch.zeros(4, 64)
+
+    def step(key: str, index: int) -> None:
+        euler = EulerStep(index, 1.0, 0.1, (Branch.COND,), (), T2I, final=False)
+        latents = x0 if index == 0 else None
+        executor.denoise([Segment.noise(f"{key}/cond0", latents, grid, 1.0, 0)], euler)
+
+    step("a", 0), step("a", 1)
+    assert stages.log[-1] == ("wait", ("a/cond0", 0))  # alone: step 1 submitted, then step 0 awaited
+    step("b", 0)
+    stages.log.clear()
+    step("a", 2)
+    if num_stages == 1:
+        assert stages.log == [("chain", "a/cond0", 2), ("wait", ("a/cond0", 1))]
+    else:
+        assert stages.log == [("wait", ("a/cond0", 1)), ("share", "a/cond0"), ("chain", "a/cond0", 2)]
 
 
 def test_a_context_moves_between_runners_whole(checkpoint_dir, h200_simulation):
