@@ -27,9 +27,8 @@ from torch import Tensor, nn
 from .df11 import Df11Tensor, Packed, decode, packed_bytes
 from .errors import InvalidRequest
 from .layers import FusedLinear
+from .weight_formats import APPROXIMATE, MODES, is_approximate  # noqa: F401  (re-exported)
 
-MODES = ("df11", "fp8", "int8", "nf4")
-APPROXIMATE = frozenset({"fp8", "int8", "nf4"})
 NF4_BLOCK = 64  # weights per NF4 scale
 NF4_SCALER_BLOCK = 256  # block scales per second-level scale (or the largest divisor of the count below it)
 DF11_EXPECTED_BITS = 11.25  # planning figure: 8 + 3-bit codes + ~2.5% escaped exponents (tests/test_df11.py)
@@ -50,10 +49,6 @@ def check_mode(mode: str | None, device: torch.device | str) -> None:
                                  "Use int8 or nf4, or df11 (lossless)")
     if mode != "df11":
         _torchao()
-
-
-def is_approximate(mode: str | None) -> bool:
-    return mode in APPROXIMATE
 
 
 def quantize_weight(weight: Tensor, mode: str) -> Tensor:

@@ -3,7 +3,8 @@
     bagel generate "a red fox in the snow" -o fox.png
     bagel edit fox.png "make it night" -o night.png
     bagel understand --image fox.png "What animal is this?"
-    bagel serve                                  # the HTTP service (ray_config.yaml)
+    bagel serve                                  # the HTTP service (the packaged Serve config)
+    bagel config my.yaml                         # an editable copy of that config
     bagel plan --gpus 1 --gpu-memory 24          # which layout and weight format fit
 
 The model comes from --checkpoint, else $BAGEL_CHECKPOINT, else the built-in demo model (tiny,
@@ -11,7 +12,8 @@ RANDOM weights: its images are noise and its text is gibberish). A bad request, 
 checkpoint prints one `error: ...` line on stderr and exits with status 2.
 
 Adding a subcommand is one function: `add_<name>(subparsers)` adds its parser and sets
-`run=<function(args) -> exit code>` with `set_defaults`; list it in `COMMANDS`.
+`run=<function(args) -> exit code>` with `set_defaults`; list it in `COMMANDS`. Building the
+parsers imports nothing heavy (no torch, Ray or httpx): commands import what they use when they run.
 """
 from __future__ import annotations
 
@@ -21,18 +23,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import CliError
 from .plan import add_plan, quantize_arg, quantize_choices
-from .serve import add_loadtest, add_serve
+from .serve import add_config, add_loadtest, add_serve
 
 EXIT_OK = 0
 EXIT_ERROR = 2  # bad request, input or checkpoint (argparse uses 2 for bad arguments too)
 EXIT_INTERRUPTED = 130
 
 CHECKPOINT_ENV = "BAGEL_CHECKPOINT"
-
-
-class CliError(Exception):
-    """A problem the user can fix that the engine does not see (a missing input file, say)."""
 
 
 # --------------------------------------------------------------------------- parser
@@ -106,6 +105,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "understand": add_understand,
     "serve": add_serve,
     "plan": add_plan,
+    "config": add_config,
     "loadtest": add_loadtest,
 }
 

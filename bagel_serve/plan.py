@@ -10,7 +10,7 @@ import argparse
 
 def quantize_choices() -> tuple[str, ...]:
     """--quantize's choices: none (exact), the weight formats of bagel_model/quantize.py, auto."""
-    from bagel_model.quantize import MODES
+    from bagel_model.weight_formats import MODES
 
     return ("none", *MODES, "auto")
 

@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,13 +294,17 @@ async def _target(args: argparse.Namespace, workload: Workload):
 
 
 def write_report(report: dict, out: Path) -> list[Path]:
-    """The JSON report and its charts (latency vs load, throughput vs load)."""
-    import matplotlib
-
+    """The JSON report and its charts (latency vs load, throughput vs load; with matplotlib, the
+    `bench` extra)."""
+    write_json(report, out, "loadtest.json")
+    try:
+        import matplotlib
+    except ImportError:
+        print("charts skipped: matplotlib is not installed (pip install 'bagel-serve[bench]')", file=sys.stderr)
+        return [out / "loadtest.json"]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    write_json(report, out, "loadtest.json")
     key = "concurrency" if report["mode"] == "closed" else "rate"
     x = [level[key] for level in report["levels"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -351,8 +356,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
     report = asyncio.run(run(args))

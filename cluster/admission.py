@@ -1,10 +1,11 @@
 """Admission control: a bounded queue, a KV-cache budget and a budget for decoded input images.
 
-A request enters when fewer than `max_running + max_queued` requests are in the system
-(otherwise `Overloaded`, HTTP 429 with Retry-After) and then waits until the stages have room
-for its KV caches (`kv_budget_bytes` per stage, estimated from its inputs) and the ingress has
-room for its decoded images (`image_budget_bytes`, estimated from their headers). A request that
-could never fit is refused with `InvalidRequest`.
+A request enters at once when fewer than `max_running + max_queued` requests are in the system
+(otherwise `Overloaded`, HTTP 429 with Retry-After, before any response starts) and then waits
+until the stages have room for its KV caches (`kv_budget_bytes` per stage, estimated from its
+inputs) and the ingress has room for its decoded images (`image_budget_bytes`, estimated from
+their headers); a streamed request is already streaming by then, so it gets keep-alives while it
+waits. A request that could never fit is refused with `InvalidRequest`.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from bagel_model.tokenizer import BagelTokenizer
 from PIL import Image
 
 from .api import ImageTask, TextTask
-from .errors import Overloaded
+from .errors import Cancelled, Overloaded
 from .inputs import EncodedImage
 
 
@@ -34,8 +35,10 @@ class Admission:
         self.kv_reserved = 0
         self.image_reserved = 0
         self._changed = asyncio.Condition()
+        self._notifying: set[asyncio.Task] = set()  # held until done (the loop keeps only weak references)
 
-    async def enter(self, kv_bytes: int, image_bytes: int = 0) -> None:
+    def enter(self, kv_bytes: int, image_bytes: int = 0) -> None:
+        """Take a place in the system, or raise at once."""
         if self.in_system >= self.limit:
             raise Overloaded(f"server busy: {self.in_system} requests in flight or queued; retry later",
                              retry_after_s=self.retry_after_s)
@@ -46,20 +49,43 @@ class Admission:
             raise InvalidRequest(f"the request's images need ~{image_bytes} bytes decoded; the service has "
                                  f"{self.image_budget}: use fewer or smaller images")
         self.in_system += 1
-        try:
-            async with self._changed:
-                await self._changed.wait_for(lambda: self._fits(self.kv_reserved + kv_bytes, self.kv_budget)
-                                             and self._fits(self.image_reserved + image_bytes, self.image_budget))
-                self.kv_reserved += kv_bytes
-                self.image_reserved += image_bytes
-        except BaseException:
-            self.in_system -= 1
-            raise
 
-    async def leave(self, kv_bytes: int, image_bytes: int = 0) -> None:
+    async def reserve(self, kv_bytes: int, image_bytes: int, cancelled: asyncio.Future) -> None:
+        """Wait until there is room for `kv_bytes` and `image_bytes` and reserve it; raises
+        `Cancelled` when `cancelled` is done first (nothing is reserved then)."""
+        if self._room(kv_bytes, image_bytes):
+            self._take(kv_bytes, image_bytes)
+            return
+        room = asyncio.ensure_future(self._wait_for_room(kv_bytes, image_bytes))
+        await asyncio.wait({room, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        if not room.done():
+            room.cancel()
+            raise Cancelled("request cancelled while waiting for room")
+
+    async def _wait_for_room(self, kv_bytes: int, image_bytes: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._room(kv_bytes, image_bytes))
+            self._take(kv_bytes, image_bytes)
+
+    def _room(self, kv_bytes: int, image_bytes: int) -> bool:
+        return (self._fits(self.kv_reserved + kv_bytes, self.kv_budget)
+                and self._fits(self.image_reserved + image_bytes, self.image_budget))
+
+    def _take(self, kv_bytes: int, image_bytes: int) -> None:
+        self.kv_reserved += kv_bytes
+        self.image_reserved += image_bytes
+
+    def leave(self, kv_bytes: int = 0, image_bytes: int = 0) -> None:
+        """Give up the place and the reserved room (0 where none was reserved)."""
         self.in_system -= 1
         self.kv_reserved -= kv_bytes
         self.image_reserved -= image_bytes
+        if kv_bytes or image_bytes:
+            task = asyncio.ensure_future(self._notify())
+            self._notifying.add(task)
+            task.add_done_callback(self._notifying.discard)
+
+    async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
 

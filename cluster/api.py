@@ -41,6 +41,9 @@ class ImageOutput:
     seed: int
     thought: str | None = None
     output_format: str = "png"
+    prompt_tokens: int = 0  # the prompt's text and image tokens, as the model saw them
+    prompt_image_tokens: int = 0  # of those, the input images'
+    output_tokens: int = 0  # the thought's tokens and the image's latent tokens
 
 
 @dataclass
@@ -58,3 +61,4 @@ class TextOutput:
     text: str
     completion_tokens: int
     finish_reason: str  # "stop" or "length"
+    prompt_tokens: int = 0  # the prompt's text and image tokens, as the model saw them

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from bagel_model.hardware import profile_names
 from bagel_model.quantize import MODES, is_approximate
@@ -54,6 +54,28 @@ class Autoscaling(BaseModel):
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
         return self
+class Warmup(BaseModel):
+    """What a replica runs on its stage workers before it says it is ready (and again after it
+    rebuilt them): compiling kernels, choosing GEMM and convolution algorithms and making CUDA-
+    graph memory pools costs the first request on fresh workers more than twice its time."""
+
+    model_config = {"extra": "forbid"}
+
+    sizes: list[str] | None = Field(None, description="image sizes 'WIDTHxHEIGHT' to warm up; null: the model's "
+                                    "default size when the stages use CUDA, none on CPU; [] turns warm-up off")
+    tasks: list[Literal["t2i", "edit", "understand"]] = Field(default_factory=lambda: ["t2i", "edit", "understand"],
+                                                             description="tasks run at each size")
+    num_timesteps: int = Field(12, ge=3, description="denoising timesteps of each warm-up image")
+    max_new_tokens: int = Field(16, ge=1, description="tokens of the warm-up answer")
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, sizes: list[str] | None) -> list[str] | None:
+        for size in sizes or []:
+            w, _, h = size.lower().partition("x")
+            if not (w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+                raise ValueError(f"sizes: expected 'WIDTHxHEIGHT', got {size!r}")
+        return sizes
 
 
 class AppArgs(BaseModel):
@@ -94,6 +116,9 @@ class AppArgs(BaseModel):
     image_memory_bytes: int = Field(2 * 2**30, gt=0, description="ingress memory for decoded input images, "
                                     "estimated from their headers (8 bytes a pixel); requests wait for room")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1/* ($BAGEL_API_KEY)")
+    warmup: Warmup = Field(default_factory=Warmup, description="requests run before /health says ready")
+    sse_keepalive_s: float = Field(15.0, gt=0, description="a keep-alive comment on an event stream that was "
+                                   "quiet this long (a request waiting in the queue), so proxies keep it open")
     limits: Limits = Field(default_factory=Limits)
     image_url_ttl_s: float = Field(3600.0, gt=0, description="how long an image of response_format 'url' stays "
                                    "available (OpenAI: 60 minutes)")

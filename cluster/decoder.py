@@ -47,6 +47,10 @@ class Decoder:
             self._latent_rgb = fit_latent_rgb(self.vae)
         return self._latent_rgb
 
+    def ready(self) -> bool:
+        """Answers once the replica is up (the ingress probes a restarted one with it)."""
+        return True
+
     def check_health(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -42,6 +42,10 @@ class Encoder:
     def encode_vae(self, pixels: Tensor, noise: Tensor) -> Tensor:
         return self.vae.encode(pixels, noise=noise).cpu()
 
+    def ready(self) -> bool:
+        """Answers once the replica is up (the ingress probes a restarted one with it)."""
+        return True
+
     def check_health(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

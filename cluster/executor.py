@@ -40,6 +40,7 @@ from pipelines.context import context_name
 from pipelines.guidance import Branch
 from pipelines.step import EulerStep, StepOutput, StepPart
 
+from .errors import DeploymentFailed, describe
 from .stage_group import Call, StageGroup
 
 BRANCH_OFFSET = {Branch.COND.value: 0, Branch.CFG_TEXT.value: 1, Branch.CFG_IMG.value: 2}
@@ -193,15 +194,24 @@ class ClusterExecutor:
         return sorted({c for s in self.stages.broadcast("stats") for c in s["context_ids"] + s["latent_states"]})
 
     def encode_vit(self, images: list[Tensor]) -> list[Tensor]:
-        return self.encoder.encode_vit.remote(images).result()
+        return _call(self.encoder, "encoder", "encode_vit", images)
 
     def encode_vae(self, pixels: Tensor, noise: Tensor) -> Tensor:
-        return self.encoder.encode_vae.remote(pixels, noise).result()
+        return _call(self.encoder, "encoder", "encode_vae", pixels, noise)
 
     def decode_latents(self, latent: Tensor) -> Tensor:
-        return self.decoder.decode.remote(latent).result()
+        return _call(self.decoder, "decoder", "decode", latent)
 
     def latent_rgb_map(self) -> Tensor:
         if self._latent_rgb is None:
-            self._latent_rgb = self.decoder.latent_rgb_map.remote().result()
+            self._latent_rgb = _call(self.decoder, "decoder", "latent_rgb_map")
         return self._latent_rgb
+
+
+def _call(handle, component: str, method: str, *args):
+    """A call to the encoder or decoder deployment. Its failures raise `DeploymentFailed`, so
+    they are told apart from a stage worker's (which rebuild the stage group)."""
+    try:
+        return getattr(handle, method).remote(*args).result()
+    except ray.exceptions.RayError as e:
+        raise DeploymentFailed(f"the {component} failed: {describe(e)}", component) from e

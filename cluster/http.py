@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
@@ -26,7 +27,9 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bagel_model.errors import BagelError, InvalidRequest
@@ -39,6 +42,7 @@ from .forms import edit_fields, json_fields
 from .jobs import Job, cancel_all
 from .knobs import web_knobs
 from .normalize import parse, problems_error, validation_problems
+from .phases import server_timing, timed
 from .image_encoding import MEDIA_TYPES
 from .protocol import ChatCompletionRequest, ImageEditRequest, ImageGenerationRequest, ImageResponseFields
 from .responses import ChatCompletion, ErrorResponse, ImagesResponse, ModelCard, ModelList
@@ -49,8 +53,12 @@ WEBUI = Path(__file__).parent / "webui"  # "the BAGEL playground": static files 
 
 
 def create_app(service: Callable[[], BagelService]) -> FastAPI:
-    app = FastAPI(title="bagel-serve", description="BAGEL-7B-MoT: understanding, text-to-image, editing, think")
+    # No /docs or /redoc pages: FastAPI's load their scripts from a CDN (blank offline); the
+    # OpenAPI document itself is at /openapi.json.
+    app = FastAPI(title="bagel-serve", description="BAGEL-7B-MoT: understanding, text-to-image, editing, think",
+                  docs_url=None, redoc_url=None)
     app.state.service = service
+    app.add_middleware(DisconnectAsMessage)
     app.mount("/ui", StaticFiles(directory=WEBUI, html=True), name="ui")
     app.include_router(router)
     app.include_router(api)
@@ -60,6 +68,25 @@ def create_app(service: Callable[[], BagelService]) -> FastAPI:
     app.add_exception_handler(Exception, _unexpected)
     app.openapi = lambda: _openapi(app)
     return app
+
+
+class DisconnectAsMessage:
+    """ASGI apps learn that the client went away from an `http.disconnect` message; Serve's
+    `receive` raises `TaskCancelledError` instead, which a streaming response then raises out of
+    the app, and Serve leaves that exception unretrieved in a future (a traceback in the logs at
+    every disconnect). This turns it into the message."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def receive_or_disconnect() -> dict:
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_or_disconnect, send)
 
 
 def current_service(request: Request) -> BagelService:
@@ -121,7 +148,7 @@ async def health(service: Service) -> Response:
 
 @router.get("/metrics")
 async def metrics(service: Service) -> Response:
-    return Response(await service.metrics_text(), media_type="text/plain; version=0.0.4")
+    return Response(await service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
 
 @api.get("/v1/models", response_model=ModelList, **API)
@@ -186,7 +213,8 @@ async def chat_completions(request: Request, service: Service) -> Response:
     completion_id, created = f"chatcmpl-{jobs[0].request_id}", int(time.time())
     if body.stream:
         return sse_response(chat_chunks(jobs, completion_id, created, service.model_name, body.include_usage))
-    return json_response(ChatCompletion.of(completion_id, created, service.model_name, await _results(jobs)))
+    outputs = await _results(jobs)
+    return _timed_response(lambda: ChatCompletion.of(completion_id, created, service.model_name, outputs), jobs)
 
 
 async def _images(service: BagelService, body: ImageResponseFields, task: ImageTask, n: int, kind: str,
@@ -200,7 +228,7 @@ async def _images(service: BagelService, body: ImageResponseFields, task: ImageT
     if body.response_format == "url":
         ids = [await service.image_store.put(o.data, MEDIA_TYPES[o.output_format]) for o in outputs]
         urls = [str(request.url_for("image_file", image_id=i)) for i in ids]
-    return json_response(ImagesResponse.of(outputs, body.quality_name, urls))
+    return _timed_response(lambda: ImagesResponse.of(outputs, body.quality_name, urls), jobs)
 
 
 async def _results(jobs: list[Job]) -> list:
@@ -228,6 +256,19 @@ def _openapi(app: FastAPI) -> dict:
             schemas[model.__name__] = schema
         app.openapi_schema = doc
     return app.openapi_schema
+
+
+def _timed_response(body: Callable[[], BaseModel], jobs: list[Job]) -> Response:
+    """The JSON response, with a Server-Timing header: the jobs' time per phase (summed), the
+    time to build the response, and the request's total from admission."""
+    phases: dict[str, float] = defaultdict(float)
+    for job in jobs:
+        for phase, seconds in job.phases.items():
+            phases[phase] += seconds
+    with timed(phases, "respond"):
+        content = body().model_dump_json()
+    phases["total"] = time.monotonic() - min(job.created for job in jobs)
+    return Response(content, media_type="application/json", headers={"Server-Timing": server_timing(phases)})
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 Each replica is one complete pipeline: its constructor builds the `BagelService`, which creates
 the replica's stage workers in the placement group Serve reserved for it (`build_app` sets the
-bundles, cluster/topology.py). The Python handle methods delegate to the service,
-`check_health` tells Serve when the replica must be replaced, and the HTTP app (`http.py`)
-reaches the replica's service through the replica context.
+bundles, cluster/topology.py) in the background, and starts watching the encoder and decoder
+deployments. The Python handle methods delegate to the service, `check_health` tells Serve when
+the replica must be replaced, and the HTTP app (`http.py`) reaches the replica's service through
+the replica context.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def _replica_rank() -> int | None:
 class Orchestrator:
     def __init__(self, args: AppArgs, encoder, decoder, image_store=None):
         self.service = BagelService(args, encoder, decoder, image_store=image_store, replica=_replica_rank())
+        self.service.deployments.start()  # watches the encoder's and decoder's Serve status
 
     async def generate(self, task: ImageTask) -> ImageOutput:
         """Generate one image (text-to-image, editing, interleaved inputs)."""

@@ -27,6 +27,31 @@ class ImageData(BaseModel):
                    revised_prompt=output.thought, seed=output.seed, width=output.width, height=output.height)
 
 
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class ImagesUsage(BaseModel):
+    """OpenAI's image usage: the prompt's tokens as the model saw them (input images included),
+    and the tokens generated (a thought's, and each image's latent tokens)."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, outputs: list[ImageOutput]) -> ImagesUsage:
+        """The prompt once (every image answers the same one), the generated tokens summed."""
+        prompt = max(o.prompt_tokens for o in outputs)
+        images = max(o.prompt_image_tokens for o in outputs)
+        generated = sum(o.output_tokens for o in outputs)
+        return cls(input_tokens=prompt, input_tokens_details=InputTokensDetails(text_tokens=prompt - images,
+                                                                                image_tokens=images),
+                   output_tokens=generated, total_tokens=prompt + generated)
+
+
 class ImagesResponse(BaseModel):
     """POST /v1/images/generations and /v1/images/edits"""
 
@@ -36,33 +61,14 @@ class ImagesResponse(BaseModel):
     output_format: str
     quality: str
     size: str = Field(description="WIDTHxHEIGHT of the images")
+    usage: ImagesUsage
 
     @classmethod
     def of(cls, outputs: list[ImageOutput], quality: str, urls: list[str] | None = None) -> ImagesResponse:
         first = outputs[0]
         data = [ImageData.of(o, u) for o, u in zip(outputs, urls or [None] * len(outputs))]
         return cls(created=int(time.time()), data=data, output_format=first.output_format, quality=quality,
-                   size=f"{first.width}x{first.height}")
-
-
-class InputTokensDetails(BaseModel):
-    text_tokens: int
-    image_tokens: int
-
-
-class ImagesUsage(BaseModel):
-    input_tokens: int
-    input_tokens_details: InputTokensDetails
-    output_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def of(cls, output: ImageOutput) -> ImagesUsage:
-        """The image's latent tokens (one per 16x16 pixels) as its output tokens; the prompt's
-        token counts are not measured yet (0)."""
-        generated = output.width * output.height // 256
-        return cls(input_tokens=0, input_tokens_details=InputTokensDetails(text_tokens=0, image_tokens=0),
-                   output_tokens=generated, total_tokens=generated)
+                   size=f"{first.width}x{first.height}", usage=ImagesUsage.of(outputs))
 
 
 class ImageStreamEvent(BaseModel):
@@ -134,14 +140,19 @@ class ChatChoice(BaseModel):
 
 
 class Usage(BaseModel):
+    """prompt_tokens: the prompt as the model saw it (chat markers and image tokens included)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
     @classmethod
     def of(cls, outputs: list[TextOutput | ImageOutput]) -> Usage:
-        completion = sum(o.completion_tokens for o in outputs if isinstance(o, TextOutput))
-        return cls(prompt_tokens=0, completion_tokens=completion, total_tokens=completion)
+        """The prompt once (every choice answers the same one), the completions' tokens summed
+        (an image's: its thought and its latent tokens)."""
+        prompt = max(o.prompt_tokens for o in outputs)
+        completion = sum(o.completion_tokens if isinstance(o, TextOutput) else o.output_tokens for o in outputs)
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class ChatCompletion(BaseModel):

@@ -1,5 +1,7 @@
 """Server-sent event streams: the encoding (`data: <json>` per event, errors as events, then
-`data: [DONE]`) and the event sequences of streamed image and chat requests.
+`data: [DONE]`; a `: keep-alive` comment when the stream has been quiet, e.g. while the request
+waits in the queue, so that proxies and clients keep it open) and the event sequences of
+streamed image and chat requests.
 
 Closing a stream (the client went away) cancels its jobs, which stop at their next step.
 """
@@ -17,7 +19,7 @@ from bagel_model.errors import BagelError
 
 from .api import ImageOutput
 from .errors import status_of
-from .jobs import Job, cancel_all
+from .jobs import KEEPALIVE, Job, cancel_all
 from .responses import (ChatCompletionChunk, ChatDelta, ChunkChoice, ErrorInfo, ImageCompletedEvent,
                         ImagePartialEvent, ImagesUsage, StepProgress, StreamError, Usage, image_content)
 
@@ -29,7 +31,7 @@ def sse_response(events: AsyncIterator[Event]) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         try:
             async for event in events:
-                yield _data(event)
+                yield ": keep-alive\n\n" if event is KEEPALIVE else _data(event)
         except BagelError as e:
             status, kind = status_of(e)
             yield _data(StreamError(error=ErrorInfo(message=str(e), type=kind), status=status))
@@ -50,7 +52,9 @@ async def image_events(jobs: list[Job], kind: str, quality: str, output_format: 
     try:
         for index, job in enumerate(jobs):
             async for event in job.stream():
-                if event["type"] == "partial_image":
+                if event is KEEPALIVE:
+                    yield event
+                elif event["type"] == "partial_image":
                     yield ImagePartialEvent(
                         type=f"{kind}.partial_image", created_at=int(time.time()), quality=quality,
                         output_format=output_format, index=index, size=f"{event['width']}x{event['height']}",
@@ -61,7 +65,7 @@ async def image_events(jobs: list[Job], kind: str, quality: str, output_format: 
             yield ImageCompletedEvent(
                 type=f"{kind}.completed", b64_json=base64.b64encode(output.data).decode(), created_at=int(time.time()),
                 size=f"{output.width}x{output.height}", quality=quality, output_format=output.output_format,
-                index=index, usage=ImagesUsage.of(output), seed=output.seed, width=output.width, height=output.height,
+                index=index, usage=ImagesUsage.of([output]), seed=output.seed, width=output.width, height=output.height,
                 revised_prompt=output.thought)
     finally:
         cancel_all(jobs)
@@ -82,7 +86,9 @@ async def chat_chunks(jobs: list[Job], completion_id: str, created: int, model: 
         for index, job in enumerate(jobs):
             yield chunk(index, ChatDelta(role="assistant"))
             async for event in job.stream():
-                if event["type"] in ("text", "thought"):
+                if event is KEEPALIVE:
+                    yield event
+                elif event["type"] in ("text", "thought"):
                     yield chunk(index, ChatDelta(content=event["delta"]))
                 elif event["type"] == "progress":
                     yield chunk(index, ChatDelta(), progress=StepProgress(step=event["step"],

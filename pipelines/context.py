@@ -24,6 +24,7 @@ class Context:
     kv_len: int = 0
     rope_pos: int = 0
     history: tuple = field(default_factory=tuple)  # one entry per appended block, for equality checks
+    image_tokens: int = 0  # of kv_len: the input images' blocks, markers included (usage counts)
 
 
 def context_name(context_id: str) -> tuple[str, str]:
@@ -51,7 +52,7 @@ class Session:
     def fork(self, src: Context, name: str) -> Context:
         dst = self.new(name)
         self.executor.fork(src.context_id, dst.context_id)
-        dst.kv_len, dst.rope_pos, dst.history = src.kv_len, src.rope_pos, src.history
+        dst.kv_len, dst.rope_pos, dst.history, dst.image_tokens = src.kv_len, src.rope_pos, src.history, src.image_tokens
         return dst
 
     def release(self, context: Context) -> None:
@@ -92,5 +93,6 @@ class Session:
         """All tokens of an image block share one RoPE position."""
         self.executor.prefill([block])
         context.kv_len += block.num_tokens
+        context.image_tokens += block.num_tokens
         context.rope_pos += 1
         context.history += (entry,)

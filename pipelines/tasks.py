@@ -46,6 +46,7 @@ class TextResult:
     text: str
     token_ids: list[int]
     finish_reason: str = "stop"  # "length": ended by max_new_tokens
+    prompt_tokens: int = 0  # the context it was generated from: text and image tokens, markers included
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class ImageResult:
     image: Image.Image
     latent: Tensor  # final latent tokens [h*w, patch_latent_dim], float32
     thought: TextResult | None = None  # think mode: the generated plan
+    prompt_tokens: int = 0  # the conditional context before any thought: text and image tokens
+    prompt_image_tokens: int = 0  # of those, the input images'
+    image_tokens: int = 0  # latent tokens generated
 
 
 def generate_image(executor: Executor, items: list[Item], params: ImageParams, *, think: bool = False,
@@ -90,6 +94,7 @@ def generate_image(executor: Executor, items: list[Item], params: ImageParams, *
         if negative:
             session.append_text([cfg_text], tok.encode(negative))
         size = (params.height or size[0], params.width or size[1])
+        prompt_tokens, prompt_image_tokens = cond.kv_len, cond.image_tokens
         thought = None
         if think:
             thought = _generate(session, cond, text_params, noise.generator, on_text)
@@ -101,7 +106,8 @@ def generate_image(executor: Executor, items: list[Item], params: ImageParams, *
                          previews if on_preview is not None else 0)
     latent = unpatchify(x.float().cpu(), *grid, p=cfg.latent_patch_size, channels=cfg.latent_channels)
     decoded = executor.decode_latents(latent)
-    return ImageResult(Image.fromarray(to_uint8(decoded.cpu()).numpy()), x.float().cpu(), thought)
+    return ImageResult(Image.fromarray(to_uint8(decoded.cpu()).numpy()), x.float().cpu(), thought, prompt_tokens,
+                       prompt_image_tokens, grid[0] * grid[1])
 
 
 def _with_previews(on_step: Callable[[StepProgress], None] | None, on_preview: Callable[[Preview], None] | None,
@@ -144,7 +150,7 @@ def understand(executor: Executor, items: list[Item], text_params: TextParams = 
 
 def _generate(session: Session, context: Context, params: TextParams, generator: torch.Generator,
               on_text: Callable[[str], None] | None) -> TextResult:
-    stream = TextStream(session.executor.tokenizer, params.stop)
+    stream, prompt_tokens = TextStream(session.executor.tokenizer, params.stop), context.kv_len
     for token in generate_text(session, context, params, generator):
         delta = stream.push(token)
         if delta and on_text is not None:
@@ -155,7 +161,7 @@ def _generate(session: Session, context: Context, params: TextParams, generator:
     if rest and on_text is not None:
         on_text(rest)
     length = not stream.stopped and len(stream.ids) >= params.max_new_tokens
-    return TextResult(stream.text, stream.ids, "length" if length else "stop")
+    return TextResult(stream.text, stream.ids, "length" if length else "stop", prompt_tokens)
 
 
 def _refork(session: Session, cond: Context, old: Context) -> Context:

@@ -24,7 +24,7 @@ def test_ray_config_shows_the_defaults(monkeypatch):
     for var in ("BAGEL_CHECKPOINT", "BAGEL_NUM_STAGES", "BAGEL_NUM_REPLICAS", "BAGEL_CFG_PARALLEL", "BAGEL_DEVICE",
                 "BAGEL_DTYPE", "BAGEL_API_KEY"):
         monkeypatch.delenv(var, raising=False)
-    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "ray_config.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "cluster" / "ray_config.yaml").read_text())
     listed = config["applications"][0]["args"]
     assert len(listed) > 10 and len(listed["limits"]) > 5
     assert AppArgs(**listed) == AppArgs()

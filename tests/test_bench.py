@@ -190,3 +190,26 @@ def test_side_by_side_fits_prompts_to_the_official_token_counts():
         {"t2i": 172, "edit": 36, "und": 24}
     assert official["settings"]["t2i_prompt"].startswith(fitted["t2i"]["text"])  # 388 bytes cut to 170
     assert side_by_side.fit_prompt(tok, "abc", 9) == "abcabca"  # 7 tokens + <|im_start|>, <|im_end|>
+def test_serve_benchmark_reports_warm_start_overhead_and_breakdown(checkpoint_dir, tmp_path):
+    """bench.serve_overhead end to end on the CPU (its own Ray, in a subprocess): the app is ready
+    after warm-up, /health answered before that, and the report splits each request's time."""
+    import subprocess
+    import sys
+
+    from .service_app import REPO_ROOT, free_port
+
+    proc = subprocess.run([sys.executable, "-m", "bench.serve_overhead", "--device", "cpu", "--checkpoint",
+                           str(checkpoint_dir), "--size", "64", "--steps", "3", "--requests", "3", "--in-process",
+                           "--port", str(free_port()), "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "serve_overhead_1stages_64.json").read_text())
+    assert report["health_first_answer_s"] < report["ready_s"], "/health answers (starting) before ready"
+    assert set(report["warmup_s"]) == {"t2i 64x64", "edit 64x64", "understand 64x64"}
+    assert len(report["request_s"]) == 3 and len(report["in_process_s"]) == 3
+    assert report["first_over_steady"] > 0 and report["overhead_fraction"] > -1
+    breakdown = report["breakdown_s"]
+    assert {"queue", "prefill", "denoise", "vae_decode", "encode_output", "respond", "other", "http"} <= set(breakdown)
+    assert breakdown["denoise"] > 0 and breakdown["http"] >= 0
+    assert abs(sum(report["phases_s"][1].values()) - report["request_s"][1]) < 1e-6
+    assert report["image_size"] == [64, 64] and report["live_contexts_after"] == 0

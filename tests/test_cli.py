@@ -257,3 +257,68 @@ def test_python_m_entry_point(tmp_path, demo_dir):
     assert DEMO_LABEL in proc.stderr
     with Image.open(out) as img:
         assert img.size == (64, 64) and img.mode == "RGB"
+
+
+def test_help_imports_no_torch_ray_or_httpx():
+    """`bagel --help` (and a subcommand's help) answers without importing the heavy libraries."""
+    code = ("import sys\nfrom bagel_serve.cli import main\n"
+            "for argv in (['--help'], ['generate', '--help'], ['serve', '--help']):\n"
+            "    assert main(argv) == 0\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'httpx'}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]", proc.stdout[-300:]
+
+
+def test_config_writes_an_editable_copy_of_the_packaged_config(tmp_path, capsys):
+    import yaml
+
+    from cluster.args import AppArgs
+
+    out = tmp_path / "mine.yaml"
+    code, _, stderr = run(capsys, "config", str(out))
+    assert code == 0 and str(out) in stderr
+    config = yaml.safe_load(out.read_text())
+    assert config["http_options"]["host"] == "127.0.0.1"  # loopback unless configured otherwise
+    [app] = config["applications"]
+    assert app["import_path"] == "cluster.app:build_app"
+    AppArgs(**app["args"])  # every key is an AppArgs field
+    code, _, stderr = run(capsys, "config", str(out))
+    assert code == 2 and "--force" in stderr
+    assert run(capsys, "config", str(out), "--force")[0] == 0
+    code, stdout, _ = run(capsys, "config", "-")
+    assert code == 0 and stdout == out.read_text()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::"])
+def test_serve_refuses_a_public_address_without_an_api_key(capsys, monkeypatch, host):
+    monkeypatch.delenv("BAGEL_API_KEY", raising=False)
+    code, _, stderr = run(capsys, "serve", "--host", host)
+    assert code == 2 and "refusing to listen" in stderr and "--allow-no-api-key" in stderr
+
+
+def test_serve_config_file_must_exist(capsys, tmp_path):
+    code, _, stderr = run(capsys, "serve", "--config", str(tmp_path / "absent.yaml"))
+    assert code == 2 and "config file not found" in stderr and "bagel config" in stderr
+
+
+def test_loadtest_help_is_the_load_testers_whole_description(capsys):
+    assert main(["loadtest", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: bagel loadtest") and "--concurrency" in out
+    assert "with a configurable task mix." in out  # the first paragraph, not its first line only
+
+
+def test_constraints_pin_versions_the_package_accepts():
+    """constraints.txt pins Ray and torch for every node; the pins satisfy pyproject's bounds."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    pins = {Requirement(line).name: Requirement(line) for line in (REPO / "constraints.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    assert set(pins) == {"ray", "torch"}
+    declared = {r.name: r for r in map(Requirement, requires("bagel-serve")) if r.marker is None}
+    for name, pin in pins.items():
+        [spec] = pin.specifier
+        assert spec.operator == "==" and declared[name].specifier.contains(spec.version), (pin, declared[name])

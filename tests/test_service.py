@@ -280,7 +280,27 @@ def test_http_generation(app, cfg_img_scale):
     body = assert_ok(app.client.post("/v1/images/generations", json=gen_body(seed, cfg_img_scale=cfg_img_scale)))
     [item] = body["data"]
     assert (item["seed"], item["width"], item["height"], item["revised_prompt"]) == (seed, 64, 64, None)
-    assert_image_matches(item["b64_json"], app.ref.t2i(PROMPT, replace(T2I, cfg_img_scale=cfg_img_scale), seed), "t2i")
+    expected = app.ref.t2i(PROMPT, replace(T2I, cfg_img_scale=cfg_img_scale), seed)
+    assert_image_matches(item["b64_json"], expected, "t2i")
+    assert body["usage"] == {"input_tokens": expected.prompt_tokens, "output_tokens": 16,  # 4x4 latent tokens
+                             "total_tokens": expected.prompt_tokens + 16,
+                             "input_tokens_details": {"text_tokens": expected.prompt_tokens, "image_tokens": 0}}
+    assert expected.prompt_tokens > len(app.ref.executor.tokenizer.encode(PROMPT))  # + the chat markers
+
+
+def test_http_responses_say_where_the_time_went(app):
+    """Server-Timing: the request's time per phase, which add up to at most the server's total,
+    itself less than the client waited."""
+    start = time.perf_counter()
+    response = app.client.post("/v1/images/generations", json=gen_body(22))
+    elapsed_ms = (time.perf_counter() - start) * 1000
+    assert_ok(response)
+    phases = {name: float(dur.removeprefix("dur=")) for name, _, dur in
+              (part.strip().partition(";") for part in response.headers["server-timing"].split(","))}
+    assert {"queue", "prefill", "denoise", "vae_decode", "encode_output", "respond", "total"} <= set(phases), phases
+    assert all(v >= 0 for v in phases.values()) and phases["denoise"] > 0
+    total = phases.pop("total")
+    assert sum(phases.values()) <= total + 0.5 and total < elapsed_ms
 
 
 def test_http_generation_n2(app):
@@ -319,6 +339,9 @@ def test_http_edit(app, form):
     expected = app.ref.edit(EDIT_PROMPT, EDIT, seed)
     assert (item["width"], item["height"], item["seed"]) == (*expected.image.size, seed)
     assert_image_matches(item["b64_json"], expected, f"edit ({form})")
+    usage = body["usage"]
+    assert usage["input_tokens"] == expected.prompt_tokens and usage["output_tokens"] == expected.image_tokens
+    assert usage["input_tokens_details"]["image_tokens"] == expected.prompt_image_tokens > 0
 
 
 @pytest.mark.parametrize("think", [False, True])
@@ -329,6 +352,8 @@ def test_http_chat(app, think):
     assert choice["message"] == {"role": "assistant", "content": expected.text}
     assert choice["finish_reason"] == ("length" if len(expected.token_ids) >= CHAT_TOKENS else "stop")
     assert body["usage"]["completion_tokens"] == len(expected.token_ids)
+    assert body["usage"]["prompt_tokens"] == expected.prompt_tokens > len(app.ref.executor.tokenizer.encode(QUESTION))
+    assert body["usage"]["total_tokens"] == expected.prompt_tokens + len(expected.token_ids)
     assert body["model"] == app.model
 
 

@@ -1,4 +1,5 @@
-"""Stage supervision without Ray: when a stage worker dies the supervisor rebuilds the stage
+"""Stage supervision without Ray: the supervisor builds the stage group and warms it up in the
+background while `/health` answers `starting` at once; when a stage worker dies it rebuilds the
 group, logging each failure through the `ray.serve` logger, backing off exponentially and giving
 up after a bounded number of attempts. Then `/health` says `failed` (503), requests get 503 with
 Retry-After, and the deployment's `check_health` raises so that Serve replaces the replica.
@@ -49,14 +50,15 @@ class FakeGroup:
 
 class Factory:
     """Builds `FakeGroup`s: the first `good` calls succeed, later ones raise, until `heal()`.
-    With `gate`, each call after the first waits for it (to look at the restarting state)."""
+    With `gate`, each call from the `gated_from`-th on waits for it (to look at the states
+    between)."""
 
-    def __init__(self, good: int = 1, gate: threading.Event | None = None):
-        self.good, self.gate, self.calls, self.healed = good, gate, 0, False
+    def __init__(self, good: int = 1, gate: threading.Event | None = None, gated_from: int = 2):
+        self.good, self.gate, self.gated_from, self.calls, self.healed = good, gate, gated_from, 0, False
 
     def __call__(self) -> FakeGroup:
         self.calls += 1
-        if self.gate is not None and self.calls > 1:
+        if self.gate is not None and self.calls >= self.gated_from:
             assert self.gate.wait(10)
         if self.calls > self.good and not self.healed:
             raise RuntimeError(f"no GPU free for stage 0 (call {self.calls})")
@@ -90,30 +92,42 @@ def serve_log() -> Iterator[Records]:
     logger.setLevel(level)
 
 
+def finished(supervisor: StageSupervisor) -> StageSupervisor:
+    """Wait for the supervisor's build (or rebuild) to end."""
+    supervisor.building.join(timeout=30)
+    assert not supervisor.building.is_alive()
+    return supervisor
+
+
+def started(supervisor: StageSupervisor) -> StageSupervisor:
+    supervisor.start()
+    return finished(supervisor)
+
+
 def failed_over(supervisor: StageSupervisor, error: Exception) -> None:
     """Report a dead worker and wait for the rebuild to end."""
     supervisor.stage_failed(error)
-    supervisor.rebuilding.join(timeout=30)
-    assert not supervisor.rebuilding.is_alive()
+    finished(supervisor)
 
 
 def test_rebuild_gives_up_after_the_bounded_tries_with_exponential_backoff(serve_log):
     factory, waits, replaced = Factory(good=1), [], []
-    supervisor = StageSupervisor(factory, max_tries=4, backoff_s=0.5, on_replaced=replaced.append,
-                                 sleep=waits.append)
+    supervisor = started(StageSupervisor(factory, max_tries=4, backoff_s=0.5, on_replaced=replaced.append,
+                                         sleep=waits.append))
     first = supervisor.group
-    assert supervisor.state == "ok" and factory.calls == 1
+    assert supervisor.state == "ok" and factory.calls == 1 and replaced == [first]
+    replaced.clear()
 
     failed_over(supervisor, RuntimeError("stage 1 died\ntraceback..."))
 
     assert factory.calls == 1 + 4, "one build, then exactly max_tries rebuild attempts"
     assert waits == [0.5, 1.0, 2.0], "exponential backoff between attempts, none after the last"
-    assert supervisor.state == "failed" and replaced == [] and supervisor.group is first
+    assert supervisor.state == "failed" and replaced == [] and supervisor.group is first and supervisor.rebuilds == 1
     assert first.shut_down, "the broken group's actors are released"
     assert "4 attempts" in supervisor.error and "no GPU free for stage 0 (call 5)" in supervisor.error
     warnings = serve_log.at(logging.WARNING)
     assert warnings[0] == "stage worker failed (RuntimeError: stage 1 died); rebuilding the stage group"
-    assert [w.split("(attempt ")[1].split(")")[0] for w in warnings[1:]] == ["1 of 4", "2 of 4", "3 of 4"]
+    assert [w.split("(attempt ")[1].split(")")[0] for w in warnings[1:]] == ["1 of 4", "2 of 4", "3 of 4", "4 of 4"]
     assert all(f"(call {k + 2})" in w for k, w in enumerate(warnings[1:])), "each attempt's error is logged"
     [error] = serve_log.at(logging.ERROR)
     assert "giving up" in error and "(call 5)" in error
@@ -121,14 +135,43 @@ def test_rebuild_gives_up_after_the_bounded_tries_with_exponential_backoff(serve
 
 def test_rebuild_succeeds_after_failed_attempts(serve_log):
     factory, waits, replaced = Factory(good=1), [], []
-    supervisor = StageSupervisor(factory, max_tries=5, backoff_s=2.0, on_replaced=replaced.append,
-                                 sleep=lambda s: (waits.append(s), len(waits) == 2 and factory.heal()))
+    supervisor = started(StageSupervisor(factory, max_tries=5, backoff_s=2.0, on_replaced=replaced.append,
+                                         sleep=lambda s: (waits.append(s), len(waits) == 2 and factory.heal())))
     failed_over(supervisor, RuntimeError("stage 0 died"))
     assert supervisor.state == "ok" and supervisor.error is None
     assert factory.calls == 1 + 3 and waits == [2.0, 4.0]
-    assert replaced == [supervisor.group] and supervisor.group.generation == 4
-    assert any("stage group rebuilt" in m and "attempt 3 of 5" in m for m in serve_log.at(logging.INFO))
+    assert replaced[-1] is supervisor.group and supervisor.group.generation == 4
+    assert any("ready after rebuilding" in m and "attempt 3 of 5" in m for m in serve_log.at(logging.INFO))
     assert serve_log.at(logging.ERROR) == []
+
+
+def test_start_builds_and_warms_up_in_the_background_retrying_a_failed_warm_up(serve_log):
+    """The first group is built off the caller's thread; the warm-up runs on it after it is put
+    to use, and a warm-up that fails fails the attempt (the group is shut down, a new one built)."""
+    gate, order, warmups = threading.Event(), [], []
+    factory = Factory(good=5, gate=gate, gated_from=1)
+
+    def warm_up():
+        warmups.append(order[-1])
+        if len(warmups) == 1:
+            raise RuntimeError("CUDA graph capture failed")
+
+    supervisor = StageSupervisor(factory, max_tries=3, backoff_s=0.01, on_replaced=order.append, warm_up=warm_up,
+                                 sleep=lambda s: None)
+    supervisor.start()
+    assert supervisor.state == "starting" and supervisor.group is None
+    gate.set()
+    finished(supervisor)
+    assert supervisor.state == "ok" and factory.calls == 2
+    assert warmups == order and len(order) == 2 and order[0].shut_down and not order[1].shut_down
+    assert supervisor.group is order[1] and supervisor.rebuilds == 0
+    assert "building the stage group failed (attempt 1 of 3): RuntimeError: CUDA graph capture failed" in \
+        serve_log.at(logging.WARNING)
+
+
+def test_start_gives_up_after_the_bounded_tries():
+    supervisor = started(StageSupervisor(Factory(good=0), max_tries=2, backoff_s=0.01, sleep=lambda s: None))
+    assert supervisor.state == "failed" and "could not be built (2 attempts)" in supervisor.error
 
 
 def test_backoff_doubles_up_to_a_cap():
@@ -140,15 +183,15 @@ def test_backoff_doubles_up_to_a_cap():
 def test_many_reports_of_one_failure_rebuild_once():
     gate = threading.Event()
     factory = Factory(good=2, gate=gate)
-    supervisor = StageSupervisor(factory, max_tries=3, backoff_s=0.01)
+    supervisor = started(StageSupervisor(factory, max_tries=3, backoff_s=0.01))
     reporters = [threading.Thread(target=supervisor.stage_failed, args=(RuntimeError("dead"),)) for _ in range(8)]
     for t in reporters:
         t.start()
     for t in reporters:
         t.join()
-    rebuild = supervisor.rebuilding
+    rebuild = supervisor.building
     supervisor.stage_failed(RuntimeError("dead"))  # while restarting: ignored
-    assert supervisor.rebuilding is rebuild and supervisor.state == "restarting"
+    assert supervisor.building is rebuild and supervisor.state == "restarting"
     gate.set()
     rebuild.join(timeout=10)
     assert supervisor.state == "ok" and factory.calls == 2
@@ -166,6 +209,7 @@ def service(checkpoint_dir) -> Iterator[tuple[BagelService, Factory, threading.E
     args = AppArgs(checkpoint_dir=str(checkpoint_dir), device="cpu", dtype="float32", retry_after_s=RETRY_AFTER_S,
                    stage_rebuild_tries=3, stage_rebuild_backoff_s=0.01)
     service = BagelService(args, encoder=None, decoder=None, make_stages=factory)
+    finished(service.supervisor)
     yield service, factory, gate
     gate.set()
     service.pool.shutdown()
@@ -190,7 +234,7 @@ def test_health_says_failed_and_check_health_raises_when_rebuilding_gives_up(ser
         check_health(deployment)  # restarting is not a reason to replace the replica
 
         gate.set()
-        service.supervisor.rebuilding.join(timeout=10)
+        finished(service.supervisor)
         assert factory.calls == 1 + 3
         failed = client.get("/health")
         assert failed.status_code == 503
@@ -204,3 +248,66 @@ def test_health_says_failed_and_check_health_raises_when_rebuilding_gives_up(ser
         with pytest.raises(StageFailed, match="could not be rebuilt"):
             check_health(deployment)
     assert any("giving up" in m for m in serve_log.at(logging.ERROR))
+
+
+def test_health_answers_starting_at_once_and_requests_get_503_until_the_workers_are_warm(checkpoint_dir):
+    gate = threading.Event()
+    factory = Factory(good=1, gate=gate, gated_from=1)
+    args = AppArgs(checkpoint_dir=str(checkpoint_dir), device="cpu", dtype="float32", retry_after_s=RETRY_AFTER_S)
+    service = BagelService(args, encoder=None, decoder=None, make_stages=factory)  # returns while building
+    deployment = SimpleNamespace(service=service)
+    try:
+        with TestClient(create_app(lambda: service)) as client:
+            starting = client.get("/health")
+            assert starting.status_code == 503 and starting.elapsed.total_seconds() < 1
+            assert starting.json()["status"] == "starting" and "building" in starting.json()["detail"]
+            Orchestrator.func_or_class.check_health(deployment)  # starting is healthy: not replaced
+            refused = client.post("/v1/images/generations", json={"prompt": "a red fox", "size": "64x64"})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == str(RETRY_AFTER_S)
+            assert "starting" in refused.json()["error"]["message"]
+            assert 'bagel_requests_total{outcome="unavailable",' in client.get("/metrics").text
+            assert "bagel_ready{" in client.get("/metrics").text
+            gate.set()
+            finished(service.supervisor)
+            ready = client.get("/health")
+            assert ready.status_code == 200 and ready.json()["status"] == "ok" and ready.json()["warmup_s"] == {}
+    finally:
+        gate.set()
+        service.pool.shutdown()
+
+
+def test_a_decoder_failure_leaves_the_stage_group_alone(service):
+    """A failed decoder call (Ray's error) becomes a 503 with Retry-After for that request and
+    marks the decoder down (image requests refused, /health degraded) without touching the stage
+    group; Serve restarts the decoder (tests/test_reliability.py kills a real one)."""
+    import asyncio
+
+    import ray
+
+    from cluster.errors import DeploymentFailed
+    from cluster.jobs import Job
+
+    service, factory, _ = service
+
+    class DeadDecoder:
+        def __getattr__(self, method):
+            def fail():
+                raise ray.exceptions.ActorDiedError()
+            return SimpleNamespace(remote=lambda *args: SimpleNamespace(result=fail))
+
+    service.executor.decoder = DeadDecoder()
+
+    async def request():
+        return service._run(Job("r1", 60), lambda task, job: service.executor.decode_latents(None), None)
+
+    with pytest.raises(DeploymentFailed) as failed:
+        asyncio.run(request())
+    assert failed.value.component == "decoder" and failed.value.retry_after_s == RETRY_AFTER_S
+    assert service.supervisor.state == "ok" and factory.calls == 1 and service.supervisor.rebuilds == 0
+    with TestClient(create_app(lambda: service)) as client:
+        refused = client.post("/v1/images/generations", json={"prompt": "a red fox", "size": "64x64"})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == str(RETRY_AFTER_S)
+        assert "VAE decoder is restarting" in refused.json()["error"]["message"]
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "degraded"
+        assert "VAE decoder" in health.json()["error"] and len(health.json()["stages"]) == 1

@@ -183,7 +183,7 @@ async function checkHealth() {
     const response = await fetch(new URL("health", API), {cache: "no-store"});
     const body = await response.json().catch(() => ({}));
     if (!response.ok || body.status !== "ok") {
-      throw new Error(body.error || `HTTP ${response.status}`);
+      throw new Error(body.error || (body.status === "starting" ? `starting (${body.detail})` : `HTTP ${response.status}`));
     }
     pill.textContent = `${body.model}${body.demo ? " (demo)" : ""} · ${body.stages ? body.stages.length : "?"} stage(s) · ${body.requests_in_system} busy`;
     pill.className = "pill ok";
