@@ -86,23 +86,26 @@ def test_handle_items_are_checked_like_http_ones():
 def test_decoded_image_budget_queues_requests_and_refuses_what_never_fits():
     async def scenario() -> list[str]:
         admission = Admission(4, 4, None, retry_after_s=1, image_budget_bytes=100)
+        never = asyncio.get_running_loop().create_future()  # not cancelled
         with pytest.raises(InvalidRequest, match="images need ~101 bytes decoded"):
-            await admission.enter(0, 101)
+            admission.enter(0, 101)
         order = []
-        await admission.enter(0, 70)
+        admission.enter(0, 70)
+        await admission.reserve(0, 70, never)
 
         async def second() -> None:
-            await admission.enter(0, 60)
+            admission.enter(0, 60)
+            await admission.reserve(0, 60, never)
             order.append("second admitted")
 
         waiting = asyncio.ensure_future(second())
         await asyncio.sleep(0.05)
         order.append("first leaves")
         assert admission.image_reserved == 70 and admission.in_system == 2
-        await admission.leave(0, 70)
+        admission.leave(0, 70)
         await waiting
         assert admission.image_reserved == 60
-        await admission.leave(0, 60)
+        admission.leave(0, 60)
         assert (admission.image_reserved, admission.in_system) == (0, 0)
         return order
 

@@ -152,7 +152,7 @@ def test_a_queued_stream_gets_keep_alives_until_it_starts(app):
             assert before_start.count(": keep-alive") >= 3, before_start
             assert json.loads(line[len("data: "):])["type"] == "started"
             rest = list(sse_events(lines))
-            assert rest[-1] == "[DONE]" and rest[-2]["type"] == "image"
+            assert rest[-1] == "[DONE]" and rest[-2]["type"] == "image_generation.completed"
     finally:
         stop.set()
         for runner in runners:
