@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The package as a user gets it: build the wheel, install it WITHOUT extras (under
 # constraints.txt) into a clean venv outside the checkout, then from another folder run
-# `bagel --help` (which must not import torch, Ray or httpx), `bagel config`, `bagel generate` on
-# the demo model, and `bagel serve` with one request. About 2-3 minutes, most of it pip.
+# `bagel --help` and `bagel serve --help` (which must not import torch, Ray or httpx), `bagel
+# config`, `bagel generate` on the demo model, and `bagel serve` with one request. About 2-3
+# minutes, most of it pip.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
@@ -24,14 +25,16 @@ py="$work/venv/bin/python" bagel="$work/venv/bin/bagel"
 "$py" -m pip install -q -c "$repo/constraints.txt" "$work"/dist/bagel_serve-*.whl
 
 cd "$work"  # not the checkout: only what the wheel installed is importable
-echo "wheel check: bagel --help"
+echo "wheel check: bagel --help, bagel serve --help"
 "$bagel" --help >/dev/null
+"$bagel" serve --help > serve_help.txt
+grep -q -- "--config" serve_help.txt
 "$py" - <<'PY'
 import sys
 from bagel_serve.cli import main
-assert main(["--help"]) == 0
+assert main(["--help"]) == 0 and main(["serve", "--help"]) == 0
 heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "ray", "httpx"})
-assert not heavy, f"bagel --help imported {heavy}"
+assert not heavy, f"bagel --help or bagel serve --help imported {heavy}"
 PY
 echo "wheel check: bagel config, bagel generate"
 "$bagel" config my_config.yaml
