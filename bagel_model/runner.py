@@ -51,6 +51,12 @@ class StageRunner:
         hidden = self.stage(hidden, layout, self.cache)
         return self.stage.heads(hidden, layout) if self.stage.stage.is_last else hidden
 
+    def synchronize(self) -> None:
+        """Wait until this stage's queued GPU work is done (where its results leave the device,
+        or the orchestrator must know a step is complete)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     def fork(self, src: str, dst: str) -> None:
         self.cache.fork(src, dst)
 

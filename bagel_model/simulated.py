@@ -88,9 +88,15 @@ class SimulatedKVCache:
 
 
 class SimulatedRunner:
-    """`StageRunner`'s interface for one stage: `run` sleeps for the micro-batch's simulated time
-    (the hop from the previous stage, the layers, the heads on the last stage) and returns
-    placeholder hidden states or the last stage's per-segment outputs."""
+    """`StageRunner`'s interface for one stage: `run` charges the micro-batch's simulated time
+    (the hop from the previous stage, the layers, the heads on the last stage) to a simulated
+    GPU and returns placeholder hidden states or the last stage's per-segment outputs.
+
+    The simulated GPU runs its calls back to back, after the host has queued them, as a real one
+    does: a first or middle stage's hidden states leave at once, so `run` sleeps until its call
+    is done; the last stage's outputs may stay on the device (the sampler's state), so it returns
+    at once and whoever reads them first calls `synchronize`. The host's own time then overlaps
+    the device's where it does on a GPU, which a slower, shared CPU and time scales below 1 need."""
 
     def __init__(self, config: BagelConfig, spec: StageSpec, simulation: Simulation, dtype: torch.dtype):
         self.config, self.spec, self.simulation, self.dtype = config, spec, simulation, dtype
@@ -98,6 +104,22 @@ class SimulatedRunner:
         self.cache = SimulatedKVCache(spec.layers, kv_bytes_per_token(config.llm, profile.dtype_bytes, len(spec.layers)))
         self.device = torch.device("cpu")
         self.compute_s = self.link_s = 0.0  # simulated seconds so far
+        self._done_at = 0.0  # when the simulated GPU finishes its queued work (`time.perf_counter()`)
+
+    @property
+    def busy_s(self) -> float:
+        """Real seconds the simulated GPU has worked (its time at this time scale)."""
+        return (self.compute_s + self.link_s) * self.simulation.time_scale
+
+    def _queue(self, seconds: float, start: float) -> None:
+        """The GPU runs `seconds` of simulated work once its queue reaches it."""
+        self._done_at = max(start, self._done_at) + seconds * self.simulation.time_scale
+
+    def synchronize(self) -> None:
+        """Wait for the simulated GPU's queued work (results leave the device)."""
+        remaining = self._done_at - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
 
     def run(self, segments: list[Segment], hidden: Tensor | None = None) -> Tensor | list[Tensor | None]:
         start = time.perf_counter()
@@ -119,7 +141,9 @@ class SimulatedRunner:
         out = self._outputs(segments) if self.spec.is_last else torch.zeros(layout.num_tokens, 1, dtype=self.dtype)
         self.compute_s += compute
         self.link_s += link
-        self.simulation.wait(compute + link, start)
+        self._queue(compute + link, start)
+        if not self.spec.is_last:
+            self.synchronize()
         return out
 
     def _outputs(self, segments: list[Segment]) -> list[Tensor | None]:
@@ -145,7 +169,8 @@ class SimulatedRunner:
         start, link = time.perf_counter(), self.simulation.profile.link
         seconds = link.seconds(tokens * self.cache.bytes_per_token)
         self.link_s += seconds
-        self.simulation.wait(seconds, start)
+        self._queue(seconds, start)
+        self.synchronize()
         return torch.tensor([tokens])
 
     def import_context(self, context_id: str, packed: Tensor) -> None:

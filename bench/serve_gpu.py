@@ -1,11 +1,13 @@
 """Run the Serve app on one GPU with the full-size BAGEL-7B-MoT architecture and random bf16
-weights in a topology (replicas x cfg_parallel x stages), every process sharing the GPU (stage
-processes capped at a GPU memory budget when there are several stages): placement (/health of
-every replica), the links tensors take, latency of text-to-image (and editing) over HTTP,
-throughput at a concurrency, and, with --reference, the same requests on the serial topology
-1x1xS to show the outputs agree. Writes a JSON report.
+weights in one or more topologies (replicas x cfg_parallel x stages), every process sharing the
+GPU (stage processes capped at a GPU memory budget when there are several stages): placement
+(/health of every replica), the links tensors take, latency of text-to-image (and editing) over
+HTTP, throughput at a concurrency, and, with --reference, the same requests on the serial
+topology 1x1xS (deployed once per stage count) to show the outputs agree. Writes a JSON report
+per topology.
 
     python -m bench.serve_gpu --out bench/results --topology 1x2x1 --edit --concurrency 4 --reference
+    python -m bench.serve_gpu --topology 2x1x1,1x2x1,1x3x1,1x2x2 --size 512 --steps 8 --edit --reference
     python -m bench.serve_gpu --stages 3 --stage-memory-gib 24          # one pipeline of 3 stages
 
 On a CPU machine (`--device cpu --checkpoint DIR`, float32, the checkpoint's own weights) it
@@ -35,7 +37,8 @@ from bench.provenance import commit, write_report
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--topology", default=None, help="REPLICASxCFG_PARALLELxSTAGES (default: 1x1x--stages)")
+    p.add_argument("--topology", default=None, help="REPLICASxCFG_PARALLELxSTAGES, or several comma-separated "
+                   "(default: 1x1x--stages)")
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--stage-memory-gib", type=float, default=24.0, help="cap per stage process with several stages")
     p.add_argument("--size", type=int, default=1024)
@@ -46,14 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--edit", action="store_true", help="also time edits (the first warms up)")
     p.add_argument("--concurrency", type=int, default=0, help="then this many text-to-image requests at once")
     p.add_argument("--reference", action="store_true", help="then the same requests on 1x1xS: output differences")
+    p.add_argument("--compile", default="auto", choices=("auto", "off"),
+                   help="off: no torch.compile'd kernels in the stages (saves each process's compile time)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--checkpoint", default=None, help="a real checkpoint (default: the 7B shapes, random weights)")
-    p.add_argument("--loadtest", default=None,
-                   help="then run bench.loadtest with these arguments (quoted), e.g. '--concurrency 1,2 --size 512'")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bagel_model.demo import demo_tokenizer, write_config_folder
     from pipelines.params import EDIT_DEFAULTS, ImageParams
 
-    replicas, groups, stages = map(int, (args.topology or f"1x1x{args.stages}").split("x"))
+    topologies = [tuple(map(int, t.split("x"))) for t in (args.topology or f"1x1x{args.stages}").split(",")]
     gpu = args.device == "cuda"
     own_ray = not ray.is_initialized()
     t0 = time.perf_counter()
@@ -79,50 +82,55 @@ def main(argv: list[str] | None = None) -> dict:
         folder = str(write_config_folder(Path(tempfile.mkdtemp()) / "bagel-7b-config", BagelConfig(), demo_tokenizer()))
     base = {"checkpoint_dir": folder, "random_weights": not args.checkpoint, "device": args.device,
             "dtype": "bfloat16" if gpu else "float32", "limits": {"max_num_timesteps": max(200, args.steps)}}
-    if gpu and stages > 1 and args.stage_memory_gib:
-        base["stage_memory_fraction"] = args.stage_memory_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory
+    if args.compile == "off":
+        base["compile"] = False
     client_url = f"http://127.0.0.1:{args.port}"
     # The other sampler knobs: each task's defaults (pipelines/params.py).
     t2i = {"prompt": "A red fox sitting in a snowy forest at sunset.", "size": f"{args.size}x{args.size}",
            "num_timesteps": args.steps, "seed": 0}
     edit = {"prompt": "Make it look like winter at night.", "image": _input_image(args.size),
             "num_timesteps": args.steps, "seed": 0}
+    references: dict[int, dict] = {}  # stage count -> the serial topology's run
 
-    report = {
-        "benchmark": "serve_gpu_topology", "device": torch.cuda.get_device_name(0) if gpu else platform.processor(),
-        "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(), "commit": commit(),
-        "topology": f"{replicas}x{groups}x{stages}",
-        "settings": {"t2i": {**vars(ImageParams(num_timesteps=args.steps)), **t2i},
-                     "edit": {**vars(replace(EDIT_DEFAULTS, num_timesteps=args.steps)),
-                              **{k: v for k, v in edit.items() if k != "image"}}, "edit_input_size": args.size,
-                     **{k: v for k, v in base.items() if k != "checkpoint_dir"},
-                     "architecture": "BAGEL-7B-MoT (random bf16 weights)" if not args.checkpoint else args.checkpoint},
-    }
-    app = {**base, "num_replicas": replicas, "cfg_parallel": groups, "num_stages": stages}
-    run = _run_app(app, client_url, t2i, edit if args.edit else None, args.requests, args.concurrency, replicas)
-    report.update(startup_s=time.perf_counter() - t0, **run)
-    if args.reference:
-        serial = {**base, "num_stages": stages}
-        ref = _run_app(serial, client_url, t2i, edit if args.edit else None, 1, 0, 1)
-        report["reference"] = {"topology": f"1x1x{stages}", "request_s": ref["request_s"], "edit_s": ref["edit_s"],
-                               "t2i": _compare(run["images"]["t2i"], ref["images"]["t2i"])}
-        if args.edit:
-            report["reference"]["edit"] = _compare(run["images"]["edit"], ref["images"]["edit"])
-        ref.pop("images")
-    report.pop("images")
-    name = f"serve_gpu_{stages}stages_{args.size}" if (replicas, groups) == (1, 1) else \
-        f"serve_gpu_{replicas}x{groups}x{stages}_{args.size}"
-    path = write_report(report, Path(args.out), f"{name}{args.suffix}.json")
-    print(json.dumps({k: v for k, v in report.items() if k not in ("settings", "replicas")}), flush=True)
-    if args.loadtest:
-        from bench import loadtest
-
-        loadtest.main([*args.loadtest.split(), "--url", client_url, "--out", str(path.with_suffix("")) + "_loadtest",
-                       "--quiet"])
+    reports = []
+    for replicas, groups, stages in topologies:
+        app = dict(base)
+        if gpu and stages > 1 and args.stage_memory_gib:
+            app["stage_memory_fraction"] = args.stage_memory_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory
+        report = {
+            "benchmark": "serve_gpu_topology", "device": torch.cuda.get_device_name(0) if gpu else platform.processor(),
+            "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(), "commit": commit(),
+            "topology": f"{replicas}x{groups}x{stages}",
+            "settings": {"t2i": {**vars(ImageParams(num_timesteps=args.steps)), **t2i},
+                         "edit": {**vars(replace(EDIT_DEFAULTS, num_timesteps=args.steps)),
+                                  **{k: v for k, v in edit.items() if k != "image"}}, "edit_input_size": args.size,
+                         **{k: v for k, v in app.items() if k != "checkpoint_dir"},
+                         "stage_memory_gib": args.stage_memory_gib if "stage_memory_fraction" in app else None,
+                         "architecture": "BAGEL-7B-MoT (random bf16 weights)" if not args.checkpoint else args.checkpoint},
+        }
+        start = time.perf_counter()
+        run = _run_app({**app, "num_replicas": replicas, "cfg_parallel": groups, "num_stages": stages}, client_url,
+                       t2i, edit if args.edit else None, args.requests, args.concurrency, replicas)
+        report.update(startup_s=time.perf_counter() - (t0 if not reports else start), **run)
+        if args.reference and (replicas, groups) != (1, 1):
+            if stages not in references:
+                references[stages] = _run_app({**app, "num_stages": stages}, client_url, t2i,
+                                              edit if args.edit else None, 1, 0, 1)
+            ref = references[stages]
+            report["reference"] = {"topology": f"1x1x{stages}", "request_s": ref["request_s"], "edit_s": ref["edit_s"],
+                                   "t2i": _compare(run["images"]["t2i"], ref["images"]["t2i"])}
+            if args.edit:
+                report["reference"]["edit"] = _compare(run["images"]["edit"], ref["images"]["edit"])
+        report.pop("images")
+        name = f"serve_gpu_{stages}stages_{args.size}" if (replicas, groups) == (1, 1) else \
+            f"serve_gpu_{replicas}x{groups}x{stages}_{args.size}"
+        write_report(report, Path(args.out), f"{name}{args.suffix}.json")
+        print(json.dumps({k: v for k, v in report.items() if k not in ("settings", "replicas")}), flush=True)
+        reports.append(report)
     if own_ray:
         serve.shutdown()
         ray.shutdown()
-    return report
+    return reports
 
 
 def _run_app(app_args: dict, url: str, t2i: dict, edit: dict | None, requests: int, concurrency: int,

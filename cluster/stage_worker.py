@@ -60,7 +60,8 @@ class StageWorker:
         self.transport: Transport | None = None
         self.samplers = SamplerStates(self.device)  # state owner: the images being denoised
         self._shared: dict[int, Tensor] = {}  # first stage: latents received, by share tag (read by each branch)
-        self.busy_s = 0.0  # time spent computing micro-batches (not waiting for the previous stage)
+        self.busy_s = 0.0  # time spent computing micro-batches (not waiting for the previous stage);
+        # a simulated runner reports its simulated GPU's time instead (its calls return before it is done)
 
     def _load(self, checkpoint_dir: str, memory_fraction: float | None, random_weights: bool,
               compile: bool | None, fp8: bool, quantize: str | None) -> StageRunner:
@@ -118,8 +119,10 @@ class StageWorker:
                 return self.transport.send(out, microbatch, [self.transport.rank + 1])
             if part is not None:
                 if owner is not None:
+                    self.runner.synchronize()
                     return self.transport.send(torch.stack(out), microbatch, [owner])
                 return self._step([part], [out])
+            self.runner.synchronize()
             return [None if o is None else o.cpu() for o in out]
         finally:
             self.busy_s += time.perf_counter() - start
@@ -143,17 +146,26 @@ class StageWorker:
         """Collect the parts' velocities (one image's); after its final step, its latents
         (float32, CPU)."""
         out = self.samplers.collect(parts, [v for vs in velocities for v in vs]).get(parts[0].key)
-        return out.x.cpu() if out is not None and parts[0].step.final else None
+        if out is None:
+            return None
+        if parts[0].step.final:
+            self.runner.synchronize()
+            return out.x.cpu()
+        if self.transport.world_size > 1:  # the next step reads the latents elsewhere: done when this returns
+            self.runner.synchronize()
+        return None
 
     def share(self, released: list[int], tag: int, key: str, dsts: list[int]) -> Handle:
         """State owner: send the image's latents (stage dtype) to the first stages of `dsts`."""
         self._release(released)
+        self.runner.synchronize()
         return self.transport.send(self.samplers.latents(key).to(self.dtype), tag, dsts)
 
     def send_context(self, released: list[int], tag: int, context_id: str, dst: int) -> Handle | None:
         """This stage's K/V of a context (`StageRunner.export_context`) to `dst` (None: the
         context holds nothing here)."""
         self._release(released)
+        self.runner.synchronize()
         packed = self.runner.export_context(context_id)
         return None if packed is None else self.transport.send(packed, tag, [dst])
 
@@ -174,6 +186,7 @@ class StageWorker:
     def predicted_clean(self, key: str) -> Tensor:
         """State owner: the clean latents the image's last applied step predicts (for a preview;
         queued right behind that step, so it never holds up the next one for long)."""
+        self.runner.synchronize()
         return self.samplers.predicted_clean(key).float().cpu()
 
     def fork(self, src: str, dst: str) -> None:
@@ -189,4 +202,5 @@ class StageWorker:
         return {"replica": self.replica, "branch_group": self.branch_group, "stage": self.spec.index,
                 "pid": os.getpid(), "layers": [self.spec.layers.start, self.spec.layers.stop],
                 "live_contexts": len(contexts), "context_ids": contexts, "kv_bytes": self.runner.cache.nbytes(),
-                "latent_states": self.samplers.keys(), "gpu_memory_bytes": memory, "busy_s": self.busy_s}
+                "latent_states": self.samplers.keys(), "gpu_memory_bytes": memory,
+                "busy_s": getattr(self.runner, "busy_s", self.busy_s)}

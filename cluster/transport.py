@@ -43,7 +43,7 @@ class Transport:
                  gpus: list[str] | None = None, timeout_s: float = 120.0):
         if kind not in KINDS:
             raise ValueError(f"transport must be one of {KINDS}, got {kind!r}")
-        self.kind, self.rank, self.device = kind, rank, device
+        self.kind, self.rank, self.world_size, self.device = kind, rank, world_size, device
         gpus = gpus or [None] * world_size
         # Per peer: True where tensors go by CUDA IPC.
         self._ipc = [kind == "cuda_ipc" or (kind == "auto" and g is not None and g == gpus[rank]) for g in gpus]

@@ -121,12 +121,20 @@ def test_simulated_stages_return_the_right_shapes_and_sleep(h200):
     t = time.perf_counter()
     hidden = first.run(step)
     outputs = last.run(step, hidden)
+    last.synchronize()  # the last stage's outputs may stay on the simulated GPU: reading them waits
     elapsed = time.perf_counter() - t
     assert [tuple(o.shape) for o in outputs] == [(4096, 64), (4096, 64), (LLM.vocab_size,)]
     blocks = [Block(4098, 20, True, noise=True), Block(4098, 0, True, noise=True), Block(1, 0, logits=True)]
     hop = h200.link.seconds(h200.hidden_bytes(LLM, 8197))
     expected = h200.forward_s(LLM, blocks, 14, last=False) + h200.forward_s(LLM, blocks, 14, last=True) + hop
     assert expected * scale <= elapsed < 2 * expected * scale + 1.0  # slack for a loaded CPU
+    assert last.busy_s == pytest.approx((last.compute_s + last.link_s) * scale)
+    slow = SimulatedRunner(FULL, split_layers(28, 1)[0], Simulation(h200, time_scale=10.0), torch.bfloat16)
+    t = time.perf_counter()
+    slow.run(step)  # ~2 s of simulated GPU work at this scale: the call returns once it is queued
+    queued = time.perf_counter() - t
+    slow.synchronize()
+    assert queued < 0.5 * slow.busy_s <= 0.5 * (time.perf_counter() - t) + 0.1
     assert last.link_s == pytest.approx(h200.link.seconds(h200.hidden_bytes(LLM, 20)) + hop) and first.link_s == 0
     assert first.cache.length("c") == 20 and first.cache.length("d") == 1  # noise blocks are not cached
     first.free(["c", "d"])

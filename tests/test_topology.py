@@ -449,11 +449,14 @@ def test_gpu_topology_benchmark_runs_on_cpu(ray_url, checkpoint_dir, tmp_path):
     from bench import serve_gpu
 
     port = int(ray_url.rsplit(":", 1)[1])
-    report = serve_gpu.main(["--topology", "1x2x1", "--device", "cpu", "--checkpoint", str(checkpoint_dir),
-                             "--size", "64", "--steps", "3", "--requests", "2", "--edit", "--concurrency", "2",
-                             "--reference", "--port", str(port), "--out", str(tmp_path)])
+    report, replicas = serve_gpu.main(["--topology", "1x2x1,2x1x1", "--device", "cpu", "--checkpoint",
+                                       str(checkpoint_dir), "--size", "64", "--steps", "3", "--requests", "2", "--edit",
+                                       "--concurrency", "2", "--reference", "--compile", "off", "--port", str(port),
+                                       "--out", str(tmp_path)])
     saved = (tmp_path / "serve_gpu_1x2x1_64.json").read_text()
-    assert '"topology": "1x2x1"' in saved
+    assert '"topology": "1x2x1"' in saved and '"compile": false' in saved
+    assert sorted(replicas["replicas"]) == [0, 1] and replicas["throughput"]["errors"] == []
+    assert replicas["reference"]["t2i"]["max_pixel_diff"] <= 1  # the same serial run as 1x2x1's, deployed once
     [replica] = report["replicas"].values()
     assert [(s["branch_group"], s["stage"]) for s in replica["stages"]] == [(0, 0), (1, 0)]
     assert report["links"] == ["gloo"] and len(report["request_s"]) == 2 and len(report["edit_s"]) == 2
