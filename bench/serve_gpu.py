@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "benchmark": "serve_gpu_topology", "device": torch.cuda.get_device_name(0) if gpu else platform.processor(),
             "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(), "commit": commit(),
             "topology": f"{replicas}x{groups}x{stages}",
+            "purpose": "every process shares one GPU: proves placement, links and outputs of the topology; "
+                       f"it cannot be faster than 1x1x{stages} here ({args.size}², {args.steps} steps, "
+                       f"compile {args.compile})",
             "settings": {"t2i": {**vars(ImageParams(num_timesteps=args.steps)), **t2i},
                          "edit": {**vars(replace(EDIT_DEFAULTS, num_timesteps=args.steps)),
                                   **{k: v for k, v in edit.items() if k != "image"}}, "edit_input_size": args.size,

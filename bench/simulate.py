@@ -10,7 +10,7 @@ Two modes, the same hardware profile (bagel_model/hardware.json, calibrated from
   every topology, also those the app cannot run yet; plus a what-if with a stage-side scheduler
   that runs ready micro-batches first ("ready" policy).
 
-    python -m bench.simulate --profile h200 --out bench/results            # everything (~30 min)
+    python -m bench.simulate --profile h200 --time-scale 0.25 --requests-per-client 1   # everything (~13 min)
     python -m bench.simulate --modes analytic --profile rtx4090            # seconds
 
 Writes simulate_<profile>.json, .png (latency and throughput vs concurrency) and .md (the
@@ -56,8 +56,8 @@ def stage_memory(config: BagelConfig, profile: Profile, topology: Topology) -> d
 
 
 def app_args(topology: Topology, profile: str, time_scale: float) -> tuple[dict | None, str]:
-    """The Serve app's args for a topology, or None and why the app cannot run it yet. The app
-    takes `num_replicas` and `cfg_parallel` once AppArgs has those fields (issue 18)."""
+    """The Serve app's args for a topology, or None and why the app cannot run it (an AppArgs
+    without the field the topology needs)."""
     from cluster.args import AppArgs
 
     args = {"simulate": profile, "simulate_time_scale": time_scale, "num_stages": topology.stages}
