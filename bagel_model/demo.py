@@ -24,7 +24,7 @@ from .config import BagelConfig, LLMConfig, ViTConfig
 from .layers import PositionTable, sincos_2d_table
 from .loader import quantization_units
 from .model import BagelStage
-from .quantize import check_mode, quantize_module
+from .quantize import check_mode, compress_vocabulary, quantize_module
 from .stage import full_model
 from .tokenizer import QWEN2_CONTROL_TOKENS, BagelTokenizer, build_qwen2_tokenizer
 from .transforms import ResizeRule
@@ -118,6 +118,7 @@ def random_quantized(build: Callable[[], nn.Module], device: torch.device | str,
             else:
                 owner._buffers[leaf] = real
     init_random_weights(module, seed)
+    compress_vocabulary(module, quantize)
     for i, unit in enumerate(units.values()):
         init_random_weights(unit.to_empty(device=device).to(dtype), seed + 1 + i)
         if quantize:

@@ -23,7 +23,7 @@ from .errors import CheckpointError, InvalidRequest
 from .kernels import EAGER, Kernels
 from .model import BagelStage
 from .mot import MoTDecoderLayer
-from .quantize import check_mode, quantize_module
+from .quantize import check_mode, compress_vocabulary, quantize_module
 from .stage import StageSpec, full_model
 from .vae import AutoEncoder
 from .vit import EncoderLayer, VisionEncoder
@@ -89,6 +89,7 @@ def _load(path: Path, build: Callable[[], nn.Module], known: set[str] | None,
                 raise CheckpointError(_describe(path, missing, unexpected, wrong))
             rest = [k for k in expected if not any(k.startswith(prefix) for prefix in units)]
             _assign(module, {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in rest})
+            compress_vocabulary(module, quantize)  # before the units: the dense copies go first
             for prefix, unit in units.items():
                 _assign(unit, {k[len(prefix):]: f.get_tensor(k).to(device=device, dtype=dtype)
                                for k in expected if k.startswith(prefix)})

@@ -12,16 +12,21 @@ VAE and ViT tokens of the input image and a prompt):
 - **activations**: one denoising forward (all guidance branches at once with one stage, one
   branch per micro-batch with several), and on CUDA the same again for the CUDA-graph pool,
   which stays allocated while the image's graphs live; plus, for df11/int8/nf4, the largest
-  weight being decompressed;
+  weight being decompressed; with df11 the larger of that and the vocabulary-sized weight
+  (token embedding, LM head: stored compressed too) decompressed on its own;
 - **CUDA context** per process (`CUDA_CONTEXT_BYTES`);
 - the **encoder** (ViT + VAE, a VAE encode at S) and **decoder** (VAE, a VAE decode at S)
   processes: on a spare GPU when there is one, else on GPU 0 (Ray packs fractional GPU shares
   onto the first GPU with room). With `processes="local"` everything is one process on one GPU
-  (the CLI, `bench/quant.py`): the graph pool plus the largest of the other transients.
+  (the CLI, `bench/quant.py`): the graph pool plus the largest of the other transients; the
+  VAE decode comes after its request's KV cache is freed, so it only needs to fit beside the
+  others'. There CUDA graphs are a speed option: a layout without them (`Plan.graphs`) is
+  tried after the same layout with them.
 
 Layers are split so the KV budget (`kv_cache_bytes`, per stage with the most layers) is as
 large as possible. `auto` tries exact bf16 first, then df11 (lossless), int8, nf4; one stage
-if the model fits one GPU, else one stage per GPU. bench/quant.py prints these estimates next
+if the model fits one GPU, else one stage per GPU (and, for one process, with CUDA graphs
+before without). bench/quant.py prints these estimates next
 to measured peaks.
 """
 from __future__ import annotations
@@ -38,7 +43,7 @@ from .kv_cache import MIN_CAPACITY, _bucket
 from .layers import FusedLinear
 from .model import BagelStage
 from .mot import MoTDecoderLayer
-from .quantize import APPROXIMATE, stored_bytes
+from .quantize import APPROXIMATE, stored_bytes, vocabulary_modules
 from .segments import image_block_len
 from .stage import StageSpec, full_model, split_layers
 from .tokenizer import text_block_len
@@ -87,6 +92,7 @@ class Plan:
     request_kv_bytes: int  # one workload request's KV on that stage
     workload: Workload
     image_size: int
+    graphs: bool = True  # CUDA graphs for denoising and decode steps (off: memory is tight)
 
     @property
     def requests(self) -> int:
@@ -107,7 +113,8 @@ class Plan:
         w = self.workload
         lines = [f"plan: {self.num_stages} stage{'s' if self.num_stages > 1 else ''} on {len(self.gpus)} GPU"
                  f"{'s' if len(self.gpus) > 1 else ''} of {_gib(self.gpu_bytes)}, weights {fmt}"
-                 f"{', ViT too' if self.quantize_vit and self.quantize else ''}, layers per stage {self.layer_sizes}",
+                 f"{', ViT too' if self.quantize_vit and self.quantize else ''}, layers per stage {self.layer_sizes}"
+                 f"{'' if self.graphs else ', CUDA graphs off (they would not fit)'}",
                  f"  workload: {w.concurrency} concurrent {self.image_size}x{self.image_size} edit(s) with "
                  f"{w.prompt_tokens}-token prompts"]
         for i, processes in enumerate(self.gpus):
@@ -146,6 +153,9 @@ def _module_bytes(build, quantize: str | None, dtype: torch.dtype, unit_types: t
     total = sum(p.numel() * dtype.itemsize for p in module.parameters())
     if quantize is None:
         return total
+    if quantize == "df11":  # the vocabulary-sized weights too (quantize.compress_vocabulary)
+        for m in vocabulary_modules(module):
+            total += stored_bytes(quantize, tuple(m.weight.shape), dtype) - m.weight.numel() * dtype.itemsize
     for unit in (m for m in module.modules() if isinstance(m, unit_types)):
         for shape in _linear_groups(unit):
             total += stored_bytes(quantize, shape, dtype) - math.prod(shape) * dtype.itemsize
@@ -209,19 +219,34 @@ def dequant_transient_bytes(config: BagelConfig, quantize: str | None, dtype_byt
     return largest * (NF4_DEQUANT_FACTOR if quantize == "nf4" else dtype_bytes)
 
 
+def vocabulary_transient_bytes(config: BagelConfig, spec: StageSpec, quantize: str | None,
+                               dtype_bytes: int = 2) -> int:
+    """With df11, the token embedding (first stage) or LM head (last stage) decompressed whole
+    for a lookup or the logits, with little else alive then (0 otherwise)."""
+    if quantize != "df11" or not (spec.is_first or spec.is_last):
+        return 0
+    return config.llm.vocab_size * config.llm.hidden_size * dtype_bytes
+
+
 def _vae_levels(config: BagelConfig) -> list[int]:
     return [config.vae.ch * m for m in config.vae.ch_mult]
 
 
+def _block_peak(c_in: int, c_out: int) -> int:
+    """Channels live at once in a residual block (vae.ResnetBlock): its input, the normalised
+    input (activated in place) and the first conv's output, or the input and two outputs."""
+    return max(2 * c_in + c_out, c_in + 2 * c_out)
+
+
 def vae_decode_bytes(config: BagelConfig, size: int, dtype_bytes: int = 4) -> int:
     """Peak activations of a VAE decode to `size` x `size` pixels: the largest of a residual
-    block's input + normalised + activated copies, or an upsample's input + two outputs, over
-    the levels (highest resolution last)."""
+    block's (`_block_peak`) or an upsample's input + two outputs, over the levels (highest
+    resolution last)."""
     widths, cfg = _vae_levels(config), config.vae
     peak, res, channels = 0, size // cfg.downsample, widths[-1]
     for level in reversed(range(len(widths))):
         c_out = widths[level]
-        peak = max(peak, 3 * max(channels, c_out) * res * res)
+        peak = max(peak, _block_peak(channels, c_out) * res * res)
         channels = c_out
         if level != 0:
             peak = max(peak, channels * res * res + 2 * channels * (2 * res) ** 2)
@@ -234,7 +259,7 @@ def vae_encode_bytes(config: BagelConfig, size: int, dtype_bytes: int = 4) -> in
     then each downsample's padded copy and output)."""
     widths, res, channels, peak = _vae_levels(config), size, config.vae.ch, 0
     for level, c_out in enumerate(widths):
-        peak = max(peak, 3 * max(channels, c_out) * res * res)
+        peak = max(peak, _block_peak(channels, c_out) * res * res)
         channels = c_out
         if level != len(widths) - 1:
             peak = max(peak, channels * res * res + channels * (res + 1) ** 2 + channels * (res // 2) ** 2)
@@ -247,10 +272,11 @@ def vae_encode_bytes(config: BagelConfig, size: int, dtype_bytes: int = 4) -> in
 
 def plan_memory(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Workload = Workload(), *,
                 num_stages: int | None = None, quantize: str | None = "auto", quantize_vit: bool = False,
-                layer_sizes: list[int] | None = None, processes: str = "serve", cuda: bool = True) -> Plan:
-    """The first layout that fits (see the module docstring); `num_stages`, `quantize` and
-    `layer_sizes` fix those choices instead. Raises `InvalidRequest` naming what would fit
-    when nothing does.
+                layer_sizes: list[int] | None = None, processes: str = "serve", cuda: bool = True,
+                graphs: bool | None = None) -> Plan:
+    """The first layout that fits (see the module docstring); `num_stages`, `quantize`,
+    `layer_sizes` and `graphs` (one process only; None: with if they fit, else without) fix
+    those choices instead. Raises `InvalidRequest` naming what would fit when nothing does.
     `cuda=False` plans for CPU memory (no CUDA context, no graph pools: the tests)."""
     if gpus < 1 or gpu_bytes <= 0:
         raise InvalidRequest(f"plan for at least one GPU with memory (got {gpus} GPUs of {gpu_bytes} bytes)")
@@ -262,15 +288,20 @@ def plan_memory(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Worklo
     if num_stages is not None and not 1 <= num_stages <= min(layers, gpus if processes == "serve" else layers):
         raise InvalidRequest(f"{num_stages} stages need as many GPUs and at most {layers} stages; "
                              f"there {'is' if gpus == 1 else 'are'} {gpus}")
-    candidates = [(mode, stages) for mode in modes
+    if graphs is not None and processes == "serve" and not graphs:
+        raise InvalidRequest("the service always captures CUDA graphs; graphs=False plans one process (local)")
+    graph_options = [graphs] if graphs is not None else [True, False] if processes == "local" and cuda else [cuda]
+    candidates = [(mode, stages, with_graphs) for mode in modes
                   for stages in ([num_stages] if num_stages else sorted({1, min(gpus, layers)}))
-                  if processes == "serve" or stages == 1 or num_stages is not None]
+                  if processes == "serve" or stages == 1 or num_stages is not None
+                  for with_graphs in graph_options]
 
-    def layout(mode: str | None, stages: int, load: Workload, side: int) -> Plan:
-        return _layout(config, gpus, gpu_bytes, load, side, stages, mode, quantize_vit, processes, cuda, layer_sizes)
+    def layout(mode: str | None, stages: int, with_graphs: bool, load: Workload, side: int) -> Plan:
+        return _layout(config, gpus, gpu_bytes, load, side, stages, mode, quantize_vit, processes, cuda, layer_sizes,
+                       with_graphs)
 
-    for mode, stages in candidates:
-        plan = layout(mode, stages, workload, size)
+    for candidate in candidates:
+        plan = layout(*candidate, workload, size)
         if plan.requests >= workload.concurrency:
             return plan
     raise InvalidRequest(f"no layout fits {workload.concurrency} concurrent {size}x{size} edit(s) on {gpus} GPU(s) of "
@@ -283,35 +314,42 @@ def _what_fits(layout, candidates: list, workload: Workload, size: int) -> str:
     """The most requests one of the candidate layouts holds at this size, else the largest
     image size at which one fits."""
     one = replace(workload, concurrency=1)
-    best = max((layout(mode, stages, one, size) for mode, stages in candidates), key=lambda p: p.requests)
+    best = max((layout(*c, one, size) for c in candidates), key=lambda p: p.requests)
     if best.requests >= 1:
         # decode slots grow with the concurrency: check the count before naming it
-        most = next(n for n in range(best.requests, 0, -1)
-                    if layout(best.quantize, best.num_stages, replace(workload, concurrency=n), size).requests >= n)
+        most = next(n for n in range(best.requests, 0, -1) if layout(
+            best.quantize, best.num_stages, best.graphs, replace(workload, concurrency=n), size).requests >= n)
         return f"the roomiest, {best.quantize or 'bf16'} weights in {best.num_stages} stage(s), holds {most} such request(s)"
     for side in range(size - 128, 127, -128):
-        for mode, stages in candidates:
-            if layout(mode, stages, one, side).requests >= 1:
+        for mode, stages, with_graphs in candidates:
+            if layout(mode, stages, with_graphs, one, side).requests >= 1:
                 return f"one request fits at {side}x{side} with {mode or 'bf16'} weights in {stages} stage(s)"
     return "not even one request of 128x128 fits"
 
 
 def _layout(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Workload, size: int, stages: int,
-            mode: str | None, quantize_vit: bool, processes: str, cuda: bool, layer_sizes: list[int] | None) -> Plan:
+            mode: str | None, quantize_vit: bool, processes: str, cuda: bool, layer_sizes: list[int] | None,
+            graphs: bool) -> Plan:
     layers = config.llm.num_hidden_layers
     context = [("CUDA context", CUDA_CONTEXT_BYTES)] if cuda else []
     branches = 3 if stages == 1 else 1  # edit: COND, CFG_TEXT, CFG_IMG in one micro-batch, or one each
     forward = forward_activation_bytes(config, forward_tokens(config, size, branches))
-    pool = [("CUDA-graph pool (one forward)", forward)] if cuda else []
+    pool = [("CUDA-graph pool (one forward)", forward)] if cuda and graphs else []
     transient = dequant_transient_bytes(config, mode)
     vision, vae = vision_weight_bytes(config, mode if quantize_vit else None), vae_weight_bytes(config)
     weights = _StageWeights(config, mode)
+    request = request_kv_bytes(config, size, workload.prompt_tokens, layers)
 
     def stage_process(spec: StageSpec) -> Process:
-        items = [("weights", weights(spec)), *pool, ("activations (one forward)", forward),
+        vocabulary = vocabulary_transient_bytes(config, spec, mode)
+        items = [("weights", weights(spec)), *pool,
                  ("decode slots", decode_slot_bytes(config, size, workload.prompt_tokens, workload.concurrency,
                                                     len(spec.layers)))]
-        items += [(f"largest weight decoded ({mode})", transient)] if transient else []
+        if vocabulary > forward + transient:
+            items.append(("activations (the vocabulary weight decoded, df11)", vocabulary))
+        else:
+            items.append(("activations (one forward)", forward))
+            items += [(f"largest weight decoded ({mode})", transient)] if transient else []
         return Process(f"stage {spec.index} (layers {spec.layers.start}-{spec.layers.stop - 1})", items + context)
 
     if processes == "local":  # one process: the weights add up, the transients take turns
@@ -319,8 +357,10 @@ def _layout(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Workload, 
         process = Process("all components (one process)", [
             ("LLM weights", weights(spec)), ("ViT + VAE weights", vision + vae),
             ("decode slots", decode_slot_bytes(config, size, workload.prompt_tokens, workload.concurrency, layers)),
-            *pool, ("activations (largest of: one forward, VAE decode, VAE encode)",
-                    max(forward + transient, vae_decode_bytes(config, size), vae_encode_bytes(config, size)))] + context)
+            *pool, ("activations (largest of: one forward with its largest weight decoded, the vocabulary weight "
+                    "decoded, VAE decode less its request's KV, VAE encode)",
+                    max(forward + transient, vocabulary_transient_bytes(config, spec, mode),
+                        vae_decode_bytes(config, size) - request, vae_encode_bytes(config, size)))] + context)
         placement, sizes = [[process]], [layers]
     else:
         extras = [Process("encoder", [("ViT + VAE weights", vision + vae),
@@ -338,7 +378,7 @@ def _layout(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Workload, 
     for procs, n in zip(placement, sizes):
         procs[0].items.append((f"KV budget x {n}/{max_layers} layers", budget * n // max_layers))
     request = request_kv_bytes(config, size, workload.prompt_tokens, max_layers)
-    return Plan(stages, sizes, mode, quantize_vit, gpu_bytes, placement, budget, request, workload, size)
+    return Plan(stages, sizes, mode, quantize_vit, gpu_bytes, placement, budget, request, workload, size, graphs)
 
 
 class _StageWeights:

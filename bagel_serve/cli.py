@@ -283,28 +283,34 @@ def load_model(args: argparse.Namespace, image_params=None):
     layers = config.llm.num_hidden_layers
     if not 1 <= args.stages <= layers:
         raise InvalidRequest(f"stages must be in [1, {layers}] (the model has {layers} layers), got {args.stages}")
-    quantize = _quantize(args, config, device)
+    quantize, graphs = _quantize(args, config, device)
     _info(f"loading {checkpoint} on {device} ({str(dtype).removeprefix('torch.')}, "
           f"{args.stages} stage{'s' if args.stages > 1 else ''}{', weights ' + quantize if quantize else ''})")
     return LocalExecutor.from_checkpoint(checkpoint, num_stages=args.stages, device=device, dtype=dtype,
-                                         quantize=quantize, quantize_vit=args.quantize_vit)
+                                         quantize=quantize, quantize_vit=args.quantize_vit, graphs=graphs)
 
 
-def _quantize(args: argparse.Namespace, config, device) -> str | None:
-    """--quantize, with auto resolved by the memory planner for this one process and device."""
+def _quantize(args: argparse.Namespace, config, device) -> tuple[str | None, bool | None]:
+    """--quantize, with auto resolved by the memory planner for this one process and device,
+    and whether to capture CUDA graphs (False where the plan says they would not fit; None:
+    the executor's default)."""
     import torch
 
+    from bagel_model.errors import InvalidRequest
     from bagel_model.memory_plan import plan_memory
 
     quantize = quantize_arg(args.quantize)
-    if quantize != "auto":
-        return quantize
     if device.type != "cuda":
-        return None
-    plan = plan_memory(config, 1, torch.cuda.get_device_properties(device).total_memory,
-                       num_stages=args.stages, quantize_vit=args.quantize_vit, processes="local")
+        return (None if quantize == "auto" else quantize), None
+    try:
+        plan = plan_memory(config, 1, torch.cuda.get_device_properties(device).total_memory, num_stages=args.stages,
+                           quantize=quantize, quantize_vit=args.quantize_vit, processes="local")
+    except InvalidRequest:
+        if quantize == "auto":
+            raise
+        return quantize, None  # a format set by hand runs as asked
     _info(plan.describe())
-    return plan.quantize
+    return plan.quantize, plan.graphs
 
 
 # --------------------------------------------------------------------------- helpers

@@ -1,6 +1,8 @@
 """Weight formats on one GPU (bagel_model/quantize.py): memory, speed and quality against exact bf16.
 
     python -m bench.quant --out bench/results --name quant_h200      # the full-size model, ~6 minutes
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python -m bench.quant --formats df11 --nf4-cap-gib 0 \
+        --no-fp8-kernels --out bench/results --name quant_df11_h200   # df11 on one 24 GB card, ~3 minutes
 
 For each format the whole model runs in one process capped at `--cap-gib` (a 24 GB card: the
 allocator gets the cap minus the CUDA context this process measured), with the full-size
@@ -19,7 +21,8 @@ exact model on the same noise:
 - the FP8 kernels compared on the same scope (the generation expert's MLP): the hand-written
   `torch._scaled_mm` path (bagel_model/fp8.py) against torchao's float8 rowwise;
 - the memory planner's estimate (`processes="local"`) next to each measured peak, and its
-  layouts for one, two and three 24 GB cards.
+  layouts for one, two and three 24 GB cards. Each capped run captures CUDA graphs only if the
+  planner fits them under the cap (a speed option; df11 at 1024x1024 runs without).
 
 Runs are ordered by priority (the per-layer errors, which take seconds; 1x24 GB df11 / int8 /
 nf4, then fp8; nf4 under `--nf4-cap-gib` at the largest size the planner fits there; the FP8
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import platform
 import time
 from argparse import Namespace
@@ -121,6 +125,7 @@ class QuantBench:
             "triton": _version("triton"), "python": platform.python_version(), "commit": commit(),
             "weights": args.checkpoint or "random bf16 (full-size BAGEL-7B-MoT architecture)",
             "settings": vars(args), "cuda_context_bytes": self.context_bytes,
+            "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
             "layouts": _layouts(self.config), "runs": {}, "layer_errors": {}, "skipped": []}
         self.path = None
         self.reference: dict = {}
@@ -206,7 +211,7 @@ class QuantBench:
         self.cap(cap)
         stage = executor = None
         try:
-            stage, executor = self.build(run, fmt)
+            stage, executor = self.build(run, fmt, run["planner"]["graphs"])
             run["warm_up_s"] = self.short_run(executor, job)
             self.measure(name, run, executor, job, self.reference if size == self.args.size else {})
         except torch.OutOfMemoryError as e:
@@ -222,7 +227,7 @@ class QuantBench:
             self.cap(None)
         self.write()
 
-    def build(self, run: dict, fmt: str | None):
+    def build(self, run: dict, fmt: str | None, graphs: bool | None = None):
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         t = time.perf_counter()
@@ -233,8 +238,9 @@ class QuantBench:
         run["vit_vae_weight_bytes"] = weight_bytes(self.vision) + weight_bytes(self.vae)
         if self.cuda:
             run["build_peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        run["graphs"] = self.cuda if graphs is None else graphs
         self.write()
-        return stage, self.executor(stage)
+        return stage, self.executor(stage, graphs)
 
     def measure(self, name: str, run: dict, executor, job: Namespace, reference: dict) -> None:
         """T2I and edit (timed; with their deviation from `reference`, the exact run's results
@@ -323,8 +329,8 @@ class QuantBench:
         return random_quantized(lambda: BagelStage(self.config, spec, self.kernels), self.device, self.dtype,
                                 STAGE_SEED, fmt)
 
-    def executor(self, stage: BagelStage) -> LocalExecutor:
-        return LocalExecutor(self.config, self.tokenizer, [stage], self.vision, self.vae)
+    def executor(self, stage: BagelStage, graphs: bool | None = None) -> LocalExecutor:
+        return LocalExecutor(self.config, self.tokenizer, [stage], self.vision, self.vae, graphs=graphs)
 
     def collect(self) -> None:
         """Hand the memory of the models just dropped back to the GPU."""
@@ -346,20 +352,21 @@ class QuantBench:
         return next((s for s in sides if self.planner(fmt, cap_gib, s)["fits"]), sides[-1])
 
     def planner(self, fmt: str, cap_gib: float, size: int) -> dict:
-        """What the memory planner expects of this run (one process on one GPU): its terms, the
-        peak `max_memory_allocated` should show (all but the CUDA context, plus one request's
-        KV), and whether it thinks the run fits the cap."""
-        def plan(gpu_bytes: int):
+        """What the memory planner expects of this run (one process on one GPU): whether it fits
+        the cap, with CUDA graphs or without (the run follows), its terms, and the peak
+        `max_memory_allocated` should show (all but the CUDA context, plus one request's KV)."""
+        def plan(gpu_bytes: int, graphs: bool | None = None):
             return plan_memory(self.config, 1, gpu_bytes, Workload(1, size), num_stages=1, quantize=fmt,
-                               processes="local", cuda=self.cuda)
+                               processes="local", cuda=self.cuda, graphs=graphs)
 
-        unbounded = plan(1 << 50)  # the terms do not depend on the GPU's size; only the KV budget does
-        items = {label: b for label, b in unbounded.gpus[0][0].items if not label.startswith("KV budget")}
         try:
-            fits = plan(int(cap_gib * GiB)) is not None
+            fits, graphs = True, plan(int(cap_gib * GiB)).graphs
         except InvalidRequest:
-            fits = False
-        return {"fits": fits, "items": items, "request_kv_bytes": unbounded.request_kv_bytes,
+            fits, graphs = False, self.cuda
+        # the terms do not depend on the GPU's size; only the KV budget does
+        unbounded = plan(1 << 50, graphs)
+        items = {label: b for label, b in unbounded.gpus[0][0].items if not label.startswith("KV budget")}
+        return {"fits": fits, "graphs": graphs, "items": items, "request_kv_bytes": unbounded.request_kv_bytes,
                 "allocated_peak_bytes": sum(b for k, b in items.items() if k != "CUDA context")
                 + unbounded.request_kv_bytes}
 

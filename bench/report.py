@@ -123,6 +123,8 @@ def quant_tables(doc: dict) -> str:
         label = name if run["quantize"] else "bf16 (exact)"
         if run.get("size", s["size"]) != s["size"]:
             label += f", {run['size']}x{run['size']}"
+        if run.get("cap_bytes") and run.get("graphs") is False:
+            label += ", no CUDA graphs"
         planned = run.get("planner", {})
         plan = "" if not planned else (f" ({_gib(planned['allocated_peak_bytes'])}"
                                        f"{'' if planned['fits'] else ', does not fit'})")
