@@ -25,7 +25,7 @@ from bagel_model.kv_cache import KVCache
 from bagel_model.loader import load_stage
 from bagel_model.memory_plan import (AUTO_MODES, GiB, Workload, forward_activation_bytes, forward_tokens,
                                      plan_memory, request_kv_bytes, stage_weight_bytes, vae_decode_bytes,
-                                     vision_weight_bytes)
+                                     vision_weight_bytes, vocabulary_transient_bytes)
 from bagel_model.model import BagelStage
 from bagel_model.quantize import MODES, weight_bytes
 from bagel_model.segments import PackedLayout, Segment
@@ -162,6 +162,33 @@ def test_one_24gb_card_takes_the_first_format_that_fits():
                 plan_memory(FULL, 1, 24 * GiB, quantize=earlier, processes=processes)
     small = plan_memory(FULL, 1, 24 * GiB, Workload(image_size=512), processes="local")
     assert small.quantize == "df11"  # lossless fits one card at 512x512
+
+
+def test_one_24gb_card_runs_lossless_weights_in_one_process_without_graphs():
+    """The CLI's one process at the largest size: df11 (its vocabulary compressed too, the VAE
+    decode after the request's KV is freed), with CUDA graphs off because their pool would not
+    fit beside it; at 512x512 the graphs fit as well. The service cannot turn graphs off."""
+    plan = plan_memory(FULL, 1, 24 * GiB, processes="local")
+    assert (plan.quantize, plan.graphs) == ("df11", False) and plan.requests >= 1
+    assert "CUDA graphs off" in plan.describe() and "CUDA-graph pool" not in plan.describe()
+    with pytest.raises(InvalidRequest, match="no layout fits"):
+        plan_memory(FULL, 1, 24 * GiB, quantize="df11", processes="local", graphs=True)
+    small = plan_memory(FULL, 1, 24 * GiB, Workload(image_size=512), processes="local")
+    assert (small.quantize, small.graphs) == ("df11", True)
+    with pytest.raises(InvalidRequest, match="always captures CUDA graphs"):
+        plan_memory(FULL, 1, 24 * GiB, graphs=False)
+
+
+def test_df11_counts_its_vocabulary_compressed_and_decoded():
+    """With df11 the token embedding and LM head are stored at the df11 ratio, and the stage
+    holding them plans for one of them decompressed whole."""
+    vocab = FULL.llm.vocab_size * FULL.llm.hidden_size
+    first, middle = split_layers(28, 3)[:2]
+    saved = stage_weight_bytes(FULL, first, None) - stage_weight_bytes(FULL, first, "df11")
+    saved_middle = stage_weight_bytes(FULL, middle, None) - stage_weight_bytes(FULL, middle, "df11")
+    assert 0.25 * 2 * vocab < saved - saved_middle * len(first.layers) / len(middle.layers) < 0.35 * 2 * vocab
+    assert vocabulary_transient_bytes(FULL, first, "df11") == 2 * vocab
+    assert vocabulary_transient_bytes(FULL, middle, "df11") == 0 == vocabulary_transient_bytes(FULL, first, "int8")
 
 
 def test_impossible_requests_name_what_would_fit():

@@ -29,8 +29,9 @@ from bagel_model.demo import demo_config, demo_tokenizer, write_checkpoint
 from bagel_model.errors import InvalidRequest
 from bagel_model.loader import load_stage, quantization_units
 from bagel_model.memory_plan import stage_weight_bytes
+from bagel_model.df11 import Df11Tensor
 from bagel_model.quantize import (MODES, check_mode, quantize_module, quantize_weight, stored_bytes, tensor_bytes,
-                                  weight_bytes)
+                                  vocabulary_modules, weight_bytes)
 from bagel_model.stage import StageSpec, full_model
 from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
@@ -96,6 +97,14 @@ def test_stored_bytes_follow_the_format(mode, checkpoint_dir, exact_outputs):
         factor = {"df11": (0.65, 0.80), "int8": (0.5, 0.56), "fp8": (0.5, 0.56), "nf4": (0.25, 0.32)}[mode]
         assert factor[0] < actual / dense < factor[1], actual / dense
     assert weight_bytes(stage) < weight_bytes(exact)
+    vocabulary, names = vocabulary_modules(stage), {id(m): n for n, m in stage.named_modules()}
+    assert len(vocabulary) == 2  # one stage: the token embedding and the LM head
+    for module in vocabulary:  # df11 stores them compressed too (lossless); the others leave them dense
+        shape = tuple(module.weight.shape)
+        assert isinstance(module.weight, Df11Tensor) == (mode == "df11")
+        if mode == "df11":
+            assert abs(tensor_bytes(module.weight) - stored_bytes(mode, shape)) < 0.03 * stored_bytes(mode, shape)
+            assert torch.equal(module.weight.dense(), exact.get_submodule(names[id(module)]).weight)
 
 
 def live_tensor_bytes() -> int:

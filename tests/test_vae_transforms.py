@@ -323,3 +323,50 @@ def test_open_image() -> None:
     assert open_image(big, max_pixels=10_000).size == (100, 100)
     with pytest.raises(InvalidImage, match="limit"):
         open_image(big, max_pixels=9_999)
+
+
+def test_lean_vae_blocks_compute_what_the_plain_composition_does(monkeypatch):
+    """The VAE's memory-lean blocks (activations in place, early frees, the residual added into
+    the block's output) give bit for bit what the plain out-of-place composition gives."""
+    import torch.nn.functional as F
+
+    from bagel_model.demo import random_module
+    from bagel_model.vae import AttnBlock, Decoder, Encoder, ResnetBlock
+
+    cfg = VAEConfig(ch=32)
+    vae = random_module(lambda: AutoEncoder(cfg), "cpu", torch.float32, 0)
+    pixels = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = torch.randn(1, cfg.z_channels, 8, 6, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        lean = (vae.encode_moments(pixels), vae.decode(z))
+
+    def resnet(block, x):
+        h = block.conv1(F.silu(block.norm1(x)))
+        h = block.conv2(F.silu(block.norm2(h)))
+        return (x if block.nin_shortcut is None else block.nin_shortcut(x)) + h
+
+    def attn(block, x):
+        b, c, height, width = x.shape
+        h = block.norm(x)
+        q, k, v = (proj(h).flatten(2).transpose(1, 2) for proj in (block.q, block.k, block.v))
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c, height, width)
+        return x + block.proj_out(h)
+
+    def encoder(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+    def decoder(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    for cls, plain in ((ResnetBlock, resnet), (AttnBlock, attn), (Encoder, encoder), (Decoder, decoder)):
+        monkeypatch.setattr(cls, "forward", plain)
+    with torch.inference_mode():
+        reference = (vae.encode_moments(pixels), vae.decode(z))
+    for a, b in zip(lean, reference):
+        assert torch.equal(a, b)
