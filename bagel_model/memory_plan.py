@@ -26,8 +26,7 @@ VAE and ViT tokens of the input image and a prompt):
 Layers are split so the KV budget (`kv_cache_bytes`, per stage with the most layers) is as
 large as possible. `auto` tries exact bf16 first, then df11 (lossless), int8, nf4; one stage
 if the model fits one GPU, else one stage per GPU (and, for one process, with CUDA graphs
-before without). bench/quant.py prints these estimates next
-to measured peaks.
+before without). bench/quant.py prints these estimates next to measured peaks.
 """
 from __future__ import annotations
 
@@ -92,7 +91,7 @@ class Plan:
     request_kv_bytes: int  # one workload request's KV on that stage
     workload: Workload
     image_size: int
-    graphs: bool = True  # CUDA graphs for denoising and decode steps (off: memory is tight)
+    graphs: bool | None = True  # CUDA graphs for denoising and decode steps (False: memory is tight; None: no CUDA)
 
     @property
     def requests(self) -> int:
@@ -114,7 +113,7 @@ class Plan:
         lines = [f"plan: {self.num_stages} stage{'s' if self.num_stages > 1 else ''} on {len(self.gpus)} GPU"
                  f"{'s' if len(self.gpus) > 1 else ''} of {_gib(self.gpu_bytes)}, weights {fmt}"
                  f"{', ViT too' if self.quantize_vit and self.quantize else ''}, layers per stage {self.layer_sizes}"
-                 f"{'' if self.graphs else ', CUDA graphs off (they would not fit)'}",
+                 f"{', CUDA graphs off (they would not fit)' if self.graphs is False else ''}",
                  f"  workload: {w.concurrency} concurrent {self.image_size}x{self.image_size} edit(s) with "
                  f"{w.prompt_tokens}-token prompts"]
         for i, processes in enumerate(self.gpus):
@@ -290,13 +289,14 @@ def plan_memory(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Worklo
                              f"there {'is' if gpus == 1 else 'are'} {gpus}")
     if graphs is not None and processes == "serve" and not graphs:
         raise InvalidRequest("the service always captures CUDA graphs; graphs=False plans one process (local)")
-    graph_options = [graphs] if graphs is not None else [True, False] if processes == "local" and cuda else [cuda]
+    graph_options = [None] if not cuda else [graphs] if graphs is not None else [True, False] if processes == "local" \
+        else [True]
     candidates = [(mode, stages, with_graphs) for mode in modes
                   for stages in ([num_stages] if num_stages else sorted({1, min(gpus, layers)}))
                   if processes == "serve" or stages == 1 or num_stages is not None
                   for with_graphs in graph_options]
 
-    def layout(mode: str | None, stages: int, with_graphs: bool, load: Workload, side: int) -> Plan:
+    def layout(mode: str | None, stages: int, with_graphs: bool | None, load: Workload, side: int) -> Plan:
         return _layout(config, gpus, gpu_bytes, load, side, stages, mode, quantize_vit, processes, cuda, layer_sizes,
                        with_graphs)
 
@@ -329,7 +329,7 @@ def _what_fits(layout, candidates: list, workload: Workload, size: int) -> str:
 
 def _layout(config: BagelConfig, gpus: int, gpu_bytes: int, workload: Workload, size: int, stages: int,
             mode: str | None, quantize_vit: bool, processes: str, cuda: bool, layer_sizes: list[int] | None,
-            graphs: bool) -> Plan:
+            graphs: bool | None) -> Plan:
     layers = config.llm.num_hidden_layers
     context = [("CUDA context", CUDA_CONTEXT_BYTES)] if cuda else []
     branches = 3 if stages == 1 else 1  # edit: COND, CFG_TEXT, CFG_IMG in one micro-batch, or one each

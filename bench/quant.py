@@ -381,7 +381,7 @@ class QuantBench:
         try:
             fits, graphs = True, plan(int(cap_gib * GiB)).graphs
         except InvalidRequest:
-            fits, graphs = False, self.cuda
+            fits, graphs = False, self.cuda or None
         # the terms do not depend on the GPU's size; only the KV budget does
         unbounded = plan(1 << 50, graphs)
         items = {label: b for label, b in unbounded.gpus[0][0].items if not label.startswith("KV budget")}
