@@ -186,10 +186,10 @@ def _app_args(args) -> dict:
     app_args = {"checkpoint_dir": str(folder), "random_weights": args.checkpoint is None, "num_stages": args.stages,
                 "device": args.device, "warmup": {"sizes": [] if args.no_warmup else [f"{args.size}x{args.size}"]}}
     if args.device == "cuda":
-        from cluster.args import gpu_shares
+        from cluster.topology import Topology, gpu_shares
 
         total = torch.cuda.get_device_properties(0).total_memory
-        stage, encoder, decoder = gpu_shares(args.stages, 1)
+        stage, encoder, decoder = gpu_shares(Topology(replicas=1, branch_groups=1, stages=args.stages), 1)
         app_args.update({"dtype": "bfloat16", "gpus_per_stage": stage, "encoder_gpus": encoder, "decoder_gpus": decoder,
                          "stage_memory_fraction": None if args.stages == 1 else args.stage_memory_gib * 2**30 / total})
     else:
