@@ -26,9 +26,9 @@ from bagel_model.config import BagelConfig
 from bagel_model.cost import forward_flops
 from bagel_model.demo import demo_tokenizer, random_module
 from bagel_model.devices import default_dtype
-from bagel_model.fp8 import quantize_gen_mlp
 from bagel_model.kernels import KernelChoice, Kernels, select_kernels
 from bagel_model.model import BagelStage
+from bagel_model.quantize import quantize_gen_mlp
 from bagel_model.segments import Segment, image_block_len
 from bagel_model.stage import full_model
 from bagel_model.vae import AutoEncoder
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--compile", action="store_true", help="fused torch.compile'd elementwise kernels")
     p.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (decode steps, denoising forwards)")
-    p.add_argument("--fp8", action="store_true", help="APPROXIMATE: FP8 GEMMs in the generation expert's MLP")
+    p.add_argument("--fp8", action="store_true", help="APPROXIMATE: FP8 GEMMs in the generation expert's MLP (fp8: true)")
     p.add_argument("--cfg-refresh-interval", type=int, default=1, metavar="K",
                    help="APPROXIMATE when > 1: run the guidance branches every K-th guided step only")
     add_kernel_args(p)

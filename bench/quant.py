@@ -3,6 +3,7 @@
     python -m bench.quant --out bench/results --name quant_h200      # the full-size model, ~6 minutes
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python -m bench.quant --formats df11 --nf4-cap-gib 0 \
         --no-fp8-kernels --out bench/results --name quant_df11_h200   # df11 on one 24 GB card, ~3 minutes
+    python -m bench.quant --formats fp8 --tasks t2i --nf4-cap-gib 0  # FP8 only, text-to-image, ~1 minute
 
 For each format the whole model runs in one process capped at `--cap-gib` (a 24 GB card: the
 allocator gets the cap minus the CUDA context this process measured), with the full-size
@@ -19,17 +20,17 @@ exact model on the same noise:
   latents but other pixels, whether the exact latents decoded under the same cap give them);
 - per-layer weight reconstruction error of the first and last layers' linear weights (does not
   depend on what the weights are), and for df11 the GPU decoder against the torch decoder;
-- the FP8 kernels compared on the same scope (the generation expert's MLP): the hand-written
-  `torch._scaled_mm` path (bagel_model/fp8.py) against torchao's float8 rowwise;
+- FP8 for the generation expert's MLP only (`fp8: true`, `quantize_gen_mlp`), uncapped, next
+  to `quantize: fp8` (every linear layer) and the exact model;
 - the memory planner's estimate (`processes="local"`) next to each measured peak, and its
   layouts for one, two and three 24 GB cards. Each capped run captures CUDA graphs only if the
   planner fits them under the cap (a speed option; df11 at 1024x1024 runs without).
 
 Runs are ordered by priority (the per-layer errors, which take seconds; 1x24 GB df11 / int8 /
-nf4, then fp8; nf4 under `--nf4-cap-gib` at the largest size the planner fits there; the FP8
-kernel comparison); the JSON is rewritten after every measurement and runs that would start
-after `--budget-s` are skipped, so a timeout loses little. On the CPU with
-`--checkpoint` (the tests) everything runs on the fixture model, uncapped.
+nf4, then fp8; nf4 under `--nf4-cap-gib` at the largest size the planner fits there; fp8 for the
+generation MLP only); `--tasks` picks what each run measures; the JSON is rewritten after every
+measurement and runs that would start after `--budget-s` are skipped, so a timeout loses little.
+On the CPU with `--checkpoint` (the tests) everything runs on the fixture model, uncapped.
 """
 from __future__ import annotations
 
@@ -51,14 +52,13 @@ from bagel_model.config import BagelConfig
 from bagel_model.demo import demo_tokenizer, init_random_weights, random_module, random_quantized
 from bagel_model.df11 import Df11Tensor, decode
 from bagel_model.errors import InvalidRequest
-from bagel_model.fp8 import quantize_gen_mlp
 from bagel_model.kernels import KernelChoice, select_kernels
 from bagel_model.latents import unpatchify
 from bagel_model.loader import load_vae, load_vision_encoder
 from bagel_model.memory_plan import GiB, Workload, plan_memory
 from bagel_model.model import BagelStage
 from bagel_model.mot import MoTDecoderLayer
-from bagel_model.quantize import MODES, quantize_module, quantize_weight, tensor_bytes, weight_bytes
+from bagel_model.quantize import MODES, quantize_gen_mlp, quantize_weight, tensor_bytes, weight_bytes
 from bagel_model.stage import full_model
 from bagel_model.tokenizer import BagelTokenizer
 from bagel_model.vae import AutoEncoder
@@ -70,6 +70,7 @@ from pipelines.noise import NoiseSource
 from pipelines.params import TextParams
 from pipelines.tasks import generate_image, understand
 
+TASKS = ("t2i", "edit", "answer", "decode")
 STAGE_SEED = 0  # the LLM's random weights (per decoder layer: STAGE_SEED + 1 + index)
 QUESTION = "Describe this picture in detail."
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--answer-tokens", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--no-fp8-kernels", action="store_true", help="skip the FP8 kernel comparison")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"what each run measures, of {','.join(TASKS)}")
+    p.add_argument("--no-fp8-gen-mlp", action="store_true", help="skip fp8 for the generation MLP only")
     p.add_argument("--no-compile", action="store_true", help="plain elementwise kernels (default: compiled on CUDA)")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no run after this many seconds")
     p.add_argument("--out", default="bench/results")
@@ -106,6 +108,9 @@ class QuantBench:
         unknown = set(self.formats) - set(MODES)
         if unknown:
             raise SystemExit(f"unknown formats {sorted(unknown)}; choose from {MODES}")
+        self.tasks = [t for t in args.tasks.split(",") if t]
+        if set(self.tasks) - set(TASKS):
+            raise SystemExit(f"unknown tasks {sorted(set(self.tasks) - set(TASKS))}; choose from {TASKS}")
         torch.backends.cuda.matmul.allow_tf32 = False
         self.kernels = select_kernels(self.device, KernelChoice(compile=self.cuda and not args.no_compile))
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
@@ -144,8 +149,8 @@ class QuantBench:
         if self.args.nf4_cap_gib and "nf4" in self.formats:
             size = self.largest_fitting_size("nf4", self.args.nf4_cap_gib)
             self.format_run(f"nf4 @ {self.args.nf4_cap_gib:g} GiB", "nf4", self.args.nf4_cap_gib, size)
-        if not self.args.no_fp8_kernels and "fp8" in self.formats:
-            self.timed("fp8 kernels", self.fp8_kernels)
+        if not self.args.no_fp8_gen_mlp and "fp8" in self.formats and "t2i" in self.tasks:
+            self.timed("fp8 gen-MLP", self.fp8_gen_mlp)
         if self.cuda:  # libraries loaded since the start (cuDNN, cuBLASLt kernels) are outside the allocator too
             self.report["cuda_context_bytes_at_end"] = _cuda_context_bytes(self.device)
         self.write()
@@ -195,9 +200,11 @@ class QuantBench:
         run = self.report["runs"]["bf16"] = {"quantize": None, "cap_bytes": None}
         stage, executor = self.build(run, None)
         for task, job in (("t2i", t2i_job), ("edit", edit_job)):
-            items, params = job(self.job)
-            self.reference[task] = generate_image(executor, items, params, noise=NoiseSource(0))
-        self.reference["answer"] = self.answer(executor, self.args.size)
+            if task in self.tasks:
+                items, params = job(self.job)
+                self.reference[task] = generate_image(executor, items, params, noise=NoiseSource(0))
+        if "answer" in self.tasks:
+            self.reference["answer"] = self.answer(executor, self.args.size)
         self.measure("bf16", run, executor, self.job, {})
         del stage, executor
         self.collect()
@@ -251,6 +258,8 @@ class QuantBench:
         timed = _KeepsDecoded(executor)
         skip = lambda what: run["quantize"] is not None and self.over_budget(f"{name} {what}")  # noqa: E731
         for task, bench in (("t2i", bench_t2i), ("edit", bench_edit)):
+            if task not in self.tasks:
+                continue
             if skip(task):
                 return
             exact = reference.get(task)
@@ -266,13 +275,13 @@ class QuantBench:
                         self.decoded_here(executor, exact), timed.decoded)
             run[task] = {k: v for k, v in result.items() if k not in ("runs", "settings")}
             self.write()
-        if "answer" in reference:
+        if "answer" in self.tasks and "answer" in reference:
             ids, ref = self.answer(executor, job.size), reference["answer"]
             n = min(len(ids), len(ref))
             first = next((i for i in range(n) if ids[i] != ref[i]), n)
             run["answer"] = {"tokens": len(ids), "exact_tokens": len(ref), "first_difference": first,
                              "agreement": float(np.mean([a == b for a, b in zip(ids, ref)])) if n else 1.0}
-        if not skip("decode"):
+        if "decode" in self.tasks and not skip("decode"):
             # a fresh executor on the same weights: its decode slots are sized for these short
             # prompts, not grown to the answer's image context (8 such slots would not fit a 24 GB card)
             fresh = self.executor(executor.stages[0], run["graphs"])
@@ -295,22 +304,18 @@ class QuantBench:
         image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
         return understand(executor, [image, QUESTION], TextParams(max_new_tokens=self.args.answer_tokens)).token_ids
 
-    def fp8_kernels(self) -> None:
-        """The generation expert's MLP in FP8 two ways, on the same bf16 weights, uncapped:
-        hand-written (`torch._scaled_mm`) and torchao's float8 rowwise."""
-        for name, convert in (("fp8 gen-MLP, hand-written", lambda s: quantize_gen_mlp(s, compiled=self.kernels.choice.compile)),
-                              ("fp8 gen-MLP, torchao", _torchao_gen_mlp)):
-            if self.over_budget(name):
-                return
-            run = self.report["runs"][name] = {"quantize": "fp8-gen-mlp", "cap_bytes": None}
-            stage = convert(self.stage(None))
-            executor = Timed(self.executor(stage))
-            run["warm_up_s"] = self.short_run(executor.inner)
-            result = bench_t2i(executor, self.job, self.reference.get("t2i"))
-            run["t2i"] = {k: v for k, v in result.items() if k not in ("runs", "settings")}
-            del stage, executor
-            self.collect()
-            self.write()
+    def fp8_gen_mlp(self) -> None:
+        """`fp8: true` (FP8 for the generation expert's MLP only) on the same bf16 weights,
+        uncapped: text-to-image against the exact run (the report sets it beside `quantize: fp8`)."""
+        run = self.report["runs"]["fp8 gen-MLP"] = {"quantize": "fp8-gen-mlp", "cap_bytes": None}
+        stage = quantize_gen_mlp(self.stage(None))
+        run["llm_weight_bytes"] = weight_bytes(stage)
+        executor = Timed(self.executor(stage))
+        run["warm_up_s"] = self.short_run(executor.inner)
+        result = bench_t2i(executor, self.job, self.reference.get("t2i"))
+        run["t2i"] = {k: v for k, v in result.items() if k not in ("runs", "settings")}
+        del stage, executor
+        self.collect()
 
     def layer_errors(self, fmt: str) -> None:
         """Relative L2 error of each linear weight of the first and last decoder layers, as the
@@ -396,13 +401,6 @@ class _KeepsDecoded(Timed):
     def decode_latents(self, latent):
         self.decoded = super().decode_latents(latent)
         return self.decoded
-
-
-def _torchao_gen_mlp(stage: BagelStage) -> BagelStage:
-    for layer in stage.language_model.model.layers.values():
-        quantize_module(layer.mlp_moe_gen, "fp8")
-    return stage
-
 
 def _random_layer(config: BagelConfig, index: int, device, dtype) -> MoTDecoderLayer:
     """Decoder layer `index` with the weights `QuantBench.stage` gives it."""

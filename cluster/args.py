@@ -130,8 +130,9 @@ class AppArgs(BaseModel):
         "VAE decoder, full size, one decode per preview)")
     compile: bool | None = Field(None, description="fused torch.compile'd elementwise kernels in the stages "
                                  "(null: on when the stages use CUDA)")
-    fp8: bool = Field(False, description="APPROXIMATE: FP8 GEMMs for the generation expert's MLP (GPUs with FP8 "
-                      "tensor cores); faster denoising, outputs differ from the exact model (README, Measured)")
+    fp8: bool = Field(False, description="APPROXIMATE: FP8 GEMMs (torchao float8 rowwise) for the generation "
+                      "expert's MLP only (Ada/Hopper GPUs); faster denoising, outputs differ from the exact model "
+                      "(README, Measured)")
     quantize: Literal[(*MODES, "auto")] | None = Field(
         None, description="weight format of the LLM's linear layers: null (exact bf16), df11 (lossless, ~70% of "
         "the size), int8, nf4, fp8 (APPROXIMATE); auto: the memory planner's choice (bagel plan)")
@@ -161,8 +162,8 @@ class AppArgs(BaseModel):
     @model_validator(mode="after")
     def _one_weight_format(self) -> AppArgs:
         if self.fp8 and self.quantize is not None:
-            raise ValueError("fp8: true (hand-written FP8 for the generation MLP) and quantize both set the weights' "
-                             "format; choose one (quantize: fp8 is torchao's FP8 for every linear layer)")
+            raise ValueError("fp8: true (FP8 for the generation expert's MLP) and quantize both set the weights' "
+                             "format; choose one (quantize: fp8 is FP8 for every linear layer)")
         return self
 
     @model_validator(mode="after")

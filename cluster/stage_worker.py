@@ -29,10 +29,10 @@ from torch import Tensor
 
 from bagel_model.config import BagelConfig
 from bagel_model.demo import random_quantized
-from bagel_model.fp8 import quantize_gen_mlp
 from bagel_model.kernels import KernelChoice, select_kernels
 from bagel_model.loader import load_stage
 from bagel_model.model import BagelStage
+from bagel_model.quantize import quantize_gen_mlp
 from bagel_model.runner import StageRunner
 from bagel_model.segments import Segment, SegmentKind
 from bagel_model.simulated import Simulation, SimulatedRunner
@@ -78,7 +78,7 @@ class StageWorker:
             model = load_stage(checkpoint_dir, config, spec, device=self.device, dtype=dtype, quantize=quantize,
                                kernels=kernels)
         if fp8:
-            quantize_gen_mlp(model, kernels.choice.compile)
+            quantize_gen_mlp(model)
         return StageRunner(model, tokenizer.image_markers)
 
     def rendezvous_address(self) -> str:

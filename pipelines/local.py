@@ -9,12 +9,12 @@ import torch
 from torch import Tensor
 
 from bagel_model.config import BagelConfig
-from bagel_model.fp8 import quantize_gen_mlp
 from bagel_model.kernels import EAGER, Kernels
 from bagel_model.kv_cache import KVCache
 from bagel_model.latent_rgb import fit_latent_rgb
 from bagel_model.loader import load_stage, load_vae, load_vision_encoder
 from bagel_model.model import BagelStage
+from bagel_model.quantize import quantize_gen_mlp
 from bagel_model.runner import StageRunner
 from bagel_model.segments import Segment
 from bagel_model.stage import split_layers
@@ -50,7 +50,7 @@ class LocalExecutor:
                         vae_dtype: torch.dtype = torch.float32, fp8: bool = False,
                         graphs: bool | None = None, quantize: str | None = None,
                         quantize_vit: bool = False, kernels: Kernels = EAGER) -> LocalExecutor:
-        """`fp8`: APPROXIMATE FP8 GEMMs in the generation expert's MLP (bagel_model/fp8.py);
+        """`fp8`: APPROXIMATE FP8 GEMMs in the generation expert's MLP (`quantize_gen_mlp`);
         `graphs`: as in the constructor; `quantize`: the LLM layers' weight format, also the
         ViT's with `quantize_vit` (bagel_model/quantize.py); `kernels`: what the stages run
         (bagel_model/kernels.py)."""

@@ -153,7 +153,7 @@ def test_quantized_loading_holds_one_layer_at_a_time(tmp_path, monkeypatch):
 
 
 def test_bad_combinations_are_clear_errors(monkeypatch, checkpoint_dir):
-    with pytest.raises(InvalidRequest, match="hand-written FP8 path needs the dense bf16 weights"):
+    with pytest.raises(InvalidRequest, match="fp8: true needs the dense bf16 weights"):
         LocalExecutor.from_checkpoint(checkpoint_dir, dtype=torch.float32, quantize="int8", fp8=True)
     with pytest.raises(InvalidRequest, match="quantize must be one of"):
         check_mode("int3", "cpu")
