@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer-tokens", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--tasks", default=",".join(TASKS), help=f"what each run measures, of {','.join(TASKS)}")
-    p.add_argument("--no-fp8-gen-mlp", action="store_true", help="skip fp8 for the generation MLP only")
+    p.add_argument("--no-fp8-kernels", action="store_true", help="skip fp8 for the generation MLP only (fp8: true)")
     p.add_argument("--no-compile", action="store_true", help="plain elementwise kernels (default: compiled on CUDA)")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no run after this many seconds")
     p.add_argument("--out", default="bench/results")
@@ -149,7 +149,7 @@ class QuantBench:
         if self.args.nf4_cap_gib and "nf4" in self.formats:
             size = self.largest_fitting_size("nf4", self.args.nf4_cap_gib)
             self.format_run(f"nf4 @ {self.args.nf4_cap_gib:g} GiB", "nf4", self.args.nf4_cap_gib, size)
-        if not self.args.no_fp8_gen_mlp and "fp8" in self.formats and "t2i" in self.tasks:
+        if not self.args.no_fp8_kernels and "fp8" in self.formats and "t2i" in self.tasks:
             self.timed("fp8 gen-MLP", self.fp8_gen_mlp)
         if self.cuda:  # libraries loaded since the start (cuDNN, cuBLASLt kernels) are outside the allocator too
             self.report["cuda_context_bytes_at_end"] = _cuda_context_bytes(self.device)
