@@ -63,7 +63,7 @@ from bagel_model.stage import full_model
 from bagel_model.tokenizer import BagelTokenizer
 from bagel_model.vae import AutoEncoder
 from bagel_model.vit import VisionEncoder
-from bench.latency import Timed, _decode_rate, bench_edit, bench_t2i, edit_job, sync, t2i_job
+from bench.latency import Timed, _decode_rate, bench_edit, bench_t2i, deviation, edit_job, sync, t2i_job
 from bench.provenance import commit, write_report
 from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
@@ -199,10 +199,13 @@ class QuantBench:
         """The exact bf16 model, uncapped: the reference outputs and the baseline numbers."""
         run = self.report["runs"]["bf16"] = {"quantize": None, "cap_bytes": None}
         stage, executor = self.build(run, None)
+        recording = _KeepsDecoded(executor)
         for task, job in (("t2i", t2i_job), ("edit", edit_job)):
             if task in self.tasks:
                 items, params = job(self.job)
-                self.reference[task] = generate_image(executor, items, params, noise=NoiseSource(0))
+                self.reference[task] = generate_image(recording, items, params, noise=NoiseSource(0))
+        if "edit" in self.tasks:
+            self.reference["edit_encodings"] = recording.encodings
         if "answer" in self.tasks:
             self.reference["answer"] = self.answer(executor, self.args.size)
         self.measure("bf16", run, executor, self.job, {})
@@ -273,6 +276,8 @@ class QuantBench:
                     # decoded under the same cap tell whether that is all
                     result["exact_latents_decoded_here_equal"] = torch.equal(
                         self.decoded_here(executor, exact), timed.decoded)
+                if task == "edit" and not result["bit_identical"] and "edit_encodings" in reference:
+                    self.given_exact_encodings(result, timed, executor, job, exact, reference["edit_encodings"])
             run[task] = {k: v for k, v in result.items() if k not in ("runs", "settings")}
             self.write()
         if "answer" in self.tasks and "answer" in reference:
@@ -291,6 +296,22 @@ class QuantBench:
         if self.cuda:  # the tasks' own peaks (each reset the counter) and what came after
             run["peak_memory_bytes"] = max([torch.cuda.max_memory_allocated(self.device)] +
                                            [run[t]["peak_memory_bytes"] for t in ("t2i", "edit") if t in run])
+
+    def given_exact_encodings(self, result: dict, timed: _KeepsDecoded, executor, job: Namespace, exact,
+                              encodings: dict) -> None:
+        """An edit that differs from the exact run: were the input image's encodings (ViT, VAE
+        encoder: never quantized, but cuDNN picks their convolution kernels by the memory free,
+        so a capped process may run other ones) already different? If so, the edit again with
+        the exact run's encodings tells whether the LLM (the only quantized part) is exact."""
+        equal = {k: torch.equal(v, encodings[k]) for k, v in timed.encodings.items() if k in encodings}
+        result["input_encodings_equal_exact"] = equal
+        if all(equal.values()):
+            return
+        items, params = edit_job(job)
+        given = generate_image(_GivenEncodings(executor, encodings), items, params, noise=NoiseSource(0))
+        dev = deviation(given, exact)
+        result["given_exact_encodings"] = {"latent_relative_l2": dev["latent_relative_l2"],
+                                           "latents_bit_identical": dev["latent_relative_l2"] == 0.0}
 
     def decoded_here(self, executor, exact) -> torch.Tensor:
         """The exact run's final latents through this run's VAE, as `generate_image` decodes them."""
@@ -396,11 +417,42 @@ class QuantBench:
 
 
 class _KeepsDecoded(Timed):
-    """`Timed`, keeping the last decoded image."""
+    """`Timed`, keeping the last decoded image and the last input image's encodings (CPU copies)."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.encodings: dict[str, torch.Tensor] = {}
+
+    def encode_vit(self, images):
+        out = self.inner.encode_vit(images)
+        self.encodings["vit"] = torch.cat(out).cpu()
+        return out
+
+    def encode_vae(self, pixels, noise):
+        out = self.inner.encode_vae(pixels, noise)
+        self.encodings["vae"] = out.cpu()
+        return out
 
     def decode_latents(self, latent):
         self.decoded = super().decode_latents(latent)
         return self.decoded
+
+class _GivenEncodings:
+    """An executor whose ViT and VAE encoder return the given encodings (of one input image)."""
+
+    def __init__(self, inner, encodings: dict[str, torch.Tensor]):
+        self.inner, self.given = inner, encodings
+
+    def encode_vit(self, images):
+        assert len(images) == 1, "one input image"
+        return [self.given["vit"].to(self.inner.device)]
+
+    def encode_vae(self, pixels, noise):
+        return self.given["vae"].to(self.inner.device)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
 
 def _random_layer(config: BagelConfig, index: int, device, dtype) -> MoTDecoderLayer:
     """Decoder layer `index` with the weights `QuantBench.stage` gives it."""

@@ -89,6 +89,8 @@ def test_quant_benchmark_runs_on_cpu(checkpoint_dir, tmp_path):
         assert runs["int8"][task]["bit_identical"] is False
         assert 0 < runs["int8"][task]["deviation_from_exact"]["latent_relative_l2"] < 0.05
         assert runs["bf16"][task]["end_to_end_s"]["median"] > 0
+    # the int8 edit differs from the exact one, but not because of its input encodings
+    assert runs["int8"]["edit"]["input_encodings_equal_exact"] == {"vit": True, "vae": True}
     assert runs["df11"]["answer"]["agreement"] == 1.0
     assert runs["df11"]["llm_weight_bytes"] < runs["bf16"]["llm_weight_bytes"]
     assert runs["int8"]["decode_tokens_per_s"]["8"] > 0
@@ -98,6 +100,28 @@ def test_quant_benchmark_runs_on_cpu(checkpoint_dir, tmp_path):
     assert set(report["layouts"]) == {"1x24GiB", "2x24GiB", "3x24GiB"}
     tables = report_tables(report)  # the README's tables are rendered from this JSON
     assert "| df11 | none |" in tables and "| yes / yes |" in tables and "| int8 | 8.55 |" in tables
+
+
+def test_quant_benchmark_can_replay_the_exact_runs_encodings(executor):
+    """The df11 check on a capped GPU: the edit again with the exact run's input-image encodings
+    gives the same result as the run that made them, and other encodings another one."""
+    from argparse import Namespace
+
+    import torch
+
+    from bench.quant import _GivenEncodings, _KeepsDecoded
+    from pipelines.noise import NoiseSource
+    from pipelines.tasks import generate_image
+
+    items, params = latency.edit_job(Namespace(size=64, steps=3, cfg_refresh_interval=1))
+    recording = _KeepsDecoded(executor)
+    first = generate_image(recording, items, params, noise=NoiseSource(0))
+    assert set(recording.encodings) == {"vit", "vae"}
+    replayed = generate_image(_GivenEncodings(executor, recording.encodings), items, params, noise=NoiseSource(0))
+    assert torch.equal(replayed.latent, first.latent)
+    other = {**recording.encodings, "vae": recording.encodings["vae"] * 1.01}
+    assert not torch.equal(generate_image(_GivenEncodings(executor, other), items, params,
+                                          noise=NoiseSource(0)).latent, first.latent)
 
 
 def test_quant_benchmark_compares_fp8_for_the_generation_mlp_with_every_layer(checkpoint_dir, tmp_path):
