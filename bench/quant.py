@@ -209,7 +209,7 @@ class QuantBench:
         if "answer" in self.tasks:
             self.reference["answer"] = self.answer(executor, self.args.size)
         self.measure("bf16", run, executor, self.job, {})
-        del stage, executor
+        del stage, executor, recording
         self.collect()
 
     def format_run(self, name: str, fmt: str, cap_gib: float, size: int) -> None:

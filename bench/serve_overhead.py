@@ -189,8 +189,9 @@ def _app_args(args) -> dict:
         from cluster.topology import Topology, gpu_shares
 
         total = torch.cuda.get_device_properties(0).total_memory
-        stage, encoder, decoder = gpu_shares(Topology(replicas=1, branch_groups=1, stages=args.stages), 1)
-        app_args.update({"dtype": "bfloat16", "gpus_per_stage": stage, "encoder_gpus": encoder, "decoder_gpus": decoder,
+        shares = gpu_shares(Topology(replicas=1, branch_groups=1, stages=args.stages), 1)
+        app_args.update({"dtype": "bfloat16", "gpus_per_stage": shares.stage, "encoder_gpus": shares.encoder,
+                         "decoder_gpus": shares.decoder,
                          "stage_memory_fraction": None if args.stages == 1 else args.stage_memory_gib * 2**30 / total})
     else:
         app_args["dtype"] = "float32"
