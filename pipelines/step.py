@@ -105,18 +105,30 @@ class SamplerStates:
                     else s for s in group]
         return out
 
+    def check(self, part: StepPart) -> None:
+        """Raise what `collect` would for this part, before its forward runs (a batched forward
+        leaves out the steps that cannot join it instead of failing them all)."""
+        image = self._images.get(part.key)
+        if part.x0 is not None:
+            if image is not None:
+                raise ValueError(f"image {part.key!r} is already being sampled")
+            return
+        if image is None:
+            raise KeyError(f"no sampler state for image {part.key!r} (not started, finished or freed)")
+        if part.step.index != image.index:
+            raise ValueError(f"image {part.key!r} is at step {image.index}: "
+                             f"velocities of step {part.step.index} cannot join it")
+
     def collect(self, parts: Sequence[StepPart], velocities: Sequence[Tensor]) -> dict[str, StepOutput]:
         """Take one forward's velocities (segment order, covered by `parts` in order) and apply
         the step of every image whose branches are now all in; returns those images' outputs.
         An image's state ends with its final step."""
         done = {}
         for part, vs in _spread(parts, velocities):
+            self.check(part)
             if part.x0 is not None:
-                self._start(part.key, part.x0)
-            image = self._image(part.key)
-            if part.step.index != image.index:
-                raise ValueError(f"image {part.key!r} is at step {image.index}: "
-                                 f"velocities of step {part.step.index} cannot join it")
+                self._images[part.key] = _Image(part.x0.to(self.device, torch.float32))
+            image = self._images[part.key]
             stray = [b for b in part.branches if b not in part.step.run or b in image.velocities]
             if stray:
                 raise ValueError(f"image {part.key!r}, step {image.index}: unexpected or repeated branches {stray}")
@@ -137,11 +149,6 @@ class SamplerStates:
         """Drop the state of these images (unknown keys are ignored)."""
         for key in keys:
             self._images.pop(key, None)
-
-    def _start(self, key: str, x0: Tensor) -> None:
-        if key in self._images:
-            raise ValueError(f"image {key!r} is already being sampled")
-        self._images[key] = _Image(x0.to(self.device, torch.float32))
 
     def _image(self, key: str) -> _Image:
         image = self._images.get(key)

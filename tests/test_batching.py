@@ -1,0 +1,161 @@
+"""Step-level batching across requests (pipelines/batching.py) in process, fp32 CPU on the fixture.
+
+Exactness: each request's latents equal those it gets alone within 1e-6 of their largest
+magnitude. Not bit for bit: alone, an image's two marker rows are the only rows of the
+understanding expert's GEMMs, and MKL computes a GEMM of <= 4 rows with other kernels (another
+summation order) than a taller one; every other row is bit for bit (README, Step batching).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from bagel_model.segments import Segment
+from pipelines.batching import StepBatcher, StepCall
+from pipelines.guidance import Branch
+from pipelines.local import LocalExecutor
+from pipelines.noise import NoiseSource
+from pipelines.params import ImageParams
+from pipelines.step import EulerStep, StepOutput
+from pipelines.tasks import generate_image
+
+EDIT_PARAMS = dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+
+
+def _requests(fixture_dir: Path) -> list[dict]:
+    """t2i and edit with different seeds, sizes and step counts."""
+    image = Image.open(fixture_dir / "inputs" / "input_gradient.png")
+    return [
+        dict(items=["a red fox"], params=ImageParams(height=128, width=128, num_timesteps=8), seed=1),
+        dict(items=[image, "make it night"], params=ImageParams(height=64, width=96, num_timesteps=6, **EDIT_PARAMS),
+             seed=2),
+        dict(items=["a blue bird at dawn"], params=ImageParams(height=64, width=64, num_timesteps=10), seed=3),
+    ]
+
+
+def _generate(executor: LocalExecutor, request: dict, on_step=None) -> torch.Tensor:
+    return generate_image(executor, request["items"], request["params"], noise=NoiseSource(request["seed"]),
+                          on_step=on_step).latent
+
+
+@pytest.fixture(scope="module")
+def batched(checkpoint_dir: Path) -> tuple[LocalExecutor, Counter]:
+    sizes: Counter = Counter()
+    executor = LocalExecutor.from_checkpoint(checkpoint_dir, dtype=torch.float32, batch_wait_s=0.2,
+                                             on_forward=lambda n: sizes.update([n]))
+    return executor, sizes
+
+
+def test_concurrent_requests_joining_at_different_steps_equal_each_alone(executor, batched, fixture_dir):
+    requests = _requests(fixture_dir)
+    alone = [_generate(executor, r) for r in requests]  # the session executor: batches of one
+
+    batching, sizes = batched
+    sizes.clear()
+    reached, started = ([threading.Event() for _ in requests] for _ in range(2))
+    results: list[torch.Tensor | None] = [None] * len(requests)
+
+    def run(i: int) -> None:
+        def on_step(progress) -> None:
+            started[i].set()
+            if progress.step == 2:  # the next request joins at this one's third step
+                reached[i].set()
+                if i + 1 < len(requests):
+                    assert started[i + 1].wait(60)
+        results[i] = _generate(batching, requests[i], on_step)
+
+    threads = []
+    for i in range(len(requests)):
+        threads.append(threading.Thread(target=run, args=(i,)))
+        threads[-1].start()
+        assert reached[i].wait(60)
+    for t in threads:
+        t.join(60)
+    for got, want in zip(results, alone):
+        assert got is not None
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+    assert max(sizes) == 3, sizes  # all three shared forwards
+    assert batching.live_contexts() == [] and batching.batcher.live() == []
+
+
+class _Recorder:
+    """A `RunBatch` that records the batches it ran and answers each call with its step index."""
+
+    def __init__(self, fail: str | None = None):
+        self.batches: list[list[str]] = []
+        self.fail = fail
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, calls: list[StepCall]) -> list:
+        self.batches.append([c.key for c in calls])
+        self.gate.wait(10)
+        return [ValueError(c.key) if c.key == self.fail else StepOutput(v=torch.tensor(c.step.index))
+                for c in calls]
+
+
+def _call(key: str, tokens: int, index: int = 0, final: bool = False) -> tuple[list[Segment], EulerStep]:
+    side = int((tokens - 2) ** 0.5)
+    segment = Segment.noise(key, None, (side, side), 1.0, 0)
+    return [segment], EulerStep(index, 1.0, 0.1, (Branch.COND,), (), ImageParams(), final)
+
+
+def _concurrently(batcher: StepBatcher, calls: list[tuple[list[Segment], EulerStep]], recorder: _Recorder) -> list:
+    """Submit the calls in order while the batcher's first forward is held, then let it go."""
+    recorder.gate.clear()
+    out: list = [None] * len(calls)
+
+    def run(i):
+        try:
+            out[i] = batcher.denoise(*calls[i])
+        except Exception as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for i, t in enumerate(threads):
+        t.start()
+        while len(batcher._queue) + sum(len(b) for b in recorder.batches) < i + 1:
+            time.sleep(0.01)  # each call queued before the next
+    recorder.gate.set()
+    for t in threads:
+        t.join(10)
+    return out
+
+
+def test_token_cap_and_first_come_first_served():
+    recorder = _Recorder()
+    batcher = StepBatcher(recorder, max_batch_tokens=300, batch_wait_s=0.0)
+    # 102, 258, 102 and 102 tokens: the first forward runs alone (it started before the others
+    # queued), then "b" (258) fits with nothing, then "c" and "d" together: never "c" before "b".
+    calls = [_call("a", 102), _call("b", 258), _call("c", 102), _call("d", 102)]
+    out = _concurrently(batcher, calls, recorder)
+    assert all(isinstance(o, StepOutput) for o in out)
+    assert recorder.batches == [["a"], ["b"], ["c", "d"]]
+    big = _call("e", 402)  # over the cap alone: runs alone
+    assert isinstance(batcher.denoise(*big), StepOutput) and recorder.batches[-1] == ["e"]
+
+
+def test_an_error_fails_only_its_request_and_leaves_nothing_live():
+    recorder = _Recorder(fail="b")
+    batcher = StepBatcher(recorder, max_batch_tokens=10_000, batch_wait_s=0.0)
+    out = _concurrently(batcher, [_call("a", 102), _call("b", 102), _call("c", 102)], recorder)
+    assert isinstance(out[1], ValueError) and str(out[1]) == "b"
+    assert isinstance(out[0], StepOutput) and isinstance(out[2], StepOutput)
+    assert recorder.batches == [["a"], ["b", "c"]]
+    assert batcher.live() == ["a", "c"]  # mid-sampling; "b" left
+    batcher.forget(["a", "c"])
+    assert batcher.live() == []
+
+
+def test_an_image_alone_never_waits_for_the_batch_window():
+    recorder = _Recorder()
+    batcher = StepBatcher(recorder, max_batch_tokens=10_000, batch_wait_s=30.0)
+    for i in range(3):
+        assert batcher.denoise(*_call("a", 102, index=i, final=i == 2)).v == i
+    assert batcher.live() == []
