@@ -21,6 +21,11 @@ others' ready micro-batches behind it (measured with bench/simulate.py: 3 stages
 one stage's throughput that way, 2.8x when the step waits here instead).
 With several stages the CFG branches a group runs travel as separate micro-batches, so stage k
 can work on one while stage k+1 works on another; with one stage they are packed into one call.
+
+Steps of concurrent requests are batched (pipelines/batching.py): the `StepBatcher` hands
+`_denoise_batch` the steps of several images, whose micro-batches on the same branch group (and,
+split, the same branch slot) go as one, a `StepPart` per image; each image keeps its state
+owner, which collects its velocities as above.
 """
 from __future__ import annotations
 
@@ -36,12 +41,14 @@ from torch import Tensor
 from bagel_model.config import BagelConfig
 from bagel_model.segments import Segment
 from bagel_model.tokenizer import BagelTokenizer
+from pipelines.batching import BATCH_WAIT_S, MAX_BATCH_TOKENS, StepBatcher, StepCall
 from pipelines.context import context_name
 from pipelines.guidance import Branch
 from pipelines.step import EulerStep, StepOutput, StepPart
 
 from .errors import DeploymentFailed, describe
 from .stage_group import Call, StageGroup
+from .stage_worker import StepReply
 
 BRANCH_OFFSET = {Branch.COND.value: 0, Branch.CFG_TEXT.value: 1, Branch.CFG_IMG.value: 2}
 
@@ -50,10 +57,15 @@ class ClusterExecutor:
     device = torch.device("cpu")
 
     def __init__(self, config: BagelConfig, tokenizer: BagelTokenizer, stages: StageGroup,
-                 encoder, decoder, split_branches: bool | None = None):
+                 encoder, decoder, split_branches: bool | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS,
+                 batch_wait_s: float = BATCH_WAIT_S, on_forward: Callable[[int], None] | None = None):
+        """`max_batch_tokens`, `batch_wait_s`, `on_forward`: the `StepBatcher`'s (0 tokens: each
+        step runs alone)."""
         self.config, self.tokenizer, self.stages = config, tokenizer, stages
         self.encoder, self.decoder = encoder, decoder
         self.split_branches = stages.num_stages > 1 if split_branches is None else split_branches
+        self.batcher = StepBatcher(self._denoise_batch, max_batch_tokens, batch_wait_s, on_forward) \
+            if max_batch_tokens else None
         self._in_flight: dict[str, list[Call]] = {}  # image key -> its last step
         self._lock = threading.Lock()
         self._home: dict[str, int] = {}  # context id -> its branch group
@@ -122,44 +134,72 @@ class ClusterExecutor:
     def denoise(self, segments: list[Segment], step: EulerStep) -> StepOutput:
         """Submit the step, then wait for the previous one; the final step waits for itself and
         returns the latents."""
-        key, x0 = segments[0].context_id, segments[0].latents
-        s = self.stages
-        home = self._place(key)
-        owner = s.rank(home, s.num_stages - 1)
-        batches: list[tuple[int, list[Segment], tuple[Branch, ...]]] = []  # (group, segments, branches)
-        for g, idx in self._by_group(segments).items():
-            run = [(segments[i], step.run[i]) for i in idx]
-            chunks = [[r] for r in run] if self.split_branches else [run]
-            batches += [(g, [seg for seg, _ in c], tuple(b for _, b in c)) for c in chunks]
-        batches.sort(key=lambda b: b[0] == home)  # the owner's group last: its state is complete then
-        firsts = sorted({s.rank(g, 0) for g, _, _ in batches} - {owner})
-        previous = self._in_flight.pop(key, None)
-        if previous and firsts and self._in_flight:
-            # Its first stages would wait for the previous step's latents at the head of their
-            # queues, holding up the other images' ready work: submit it once they exist.
-            s.wait(previous)
-            previous = None
+        if self.batcher is not None:
+            return self.batcher.denoise(segments, step)
+        return self._denoise_batch([StepCall(segments, step)])[0]
+
+    def _denoise_batch(self, calls: list[StepCall]) -> list[StepOutput]:
+        """The steps of several images (distinct keys), submitted as shared micro-batches."""
+        s, last = self.stages, self.stages.num_stages - 1
+        # (group, branch slot) -> [(image, its segments there, their StepPart, state owner if remote)]
+        batches: dict[tuple[int, int], list[tuple[str, list[Segment], StepPart, int | None]]] = {}
+        owners, firsts = {}, {}
+        for call in calls:
+            key, step, segments = call.key, call.step, call.segments
+            home = self._place(key)
+            owners[key] = owner = s.rank(home, last)
+            groups = self._by_group(segments)
+            firsts[key] = sorted({s.rank(g, 0) for g in groups} - {owner})
+            for g, idx in groups.items():
+                run = [(segments[i], step.run[i]) for i in idx]
+                for slot, chunk in enumerate([[r] for r in run] if self.split_branches else [run]):
+                    local = g == home
+                    branches = tuple(b for _, b in chunk)
+                    x0 = segments[0].latents if local and branches[0] is Branch.COND else None
+                    batches.setdefault((g, slot), []).append(
+                        (key, [seg for seg, _ in chunk], StepPart(key, step, branches, x0), None if local else owner))
+        # The owners' own micro-batches last: their states are complete then.
+        order = sorted(batches, key=lambda gs: sum(owner is None for *_, owner in batches[gs]))
+        previous = {id(c): c for call in calls for c in self._in_flight.pop(call.key, [])}
+        if previous and any(firsts.values()) and self._in_flight:
+            # Their first stages would wait for the previous step's latents at the head of their
+            # queues, holding up the other images' ready work: submit once those exist.
+            s.wait(list(previous.values()))
+            previous = {}
+        submitted: dict[str, list[Call]] = {call.key: [] for call in calls}
         with s.ordered():
-            share = s.share(owner, key, firsts) if x0 is None and firsts else None
-            submitted = [share] if share else []
-            remote: list[tuple[StepPart, Call]] = []
-            for g, segs, branches in batches:
-                local = g == home
-                part = StepPart(key, step, branches, x0 if local and branches[0] is Branch.COND else None)
-                latents = share if share and s.rank(g, 0) != owner else None
-                call = s.chain(g, segs, part, latents, None if local else owner)
-                submitted.append(call)
-                if not local:
-                    remote.append((part, call))
-            if remote:
-                submitted.append(s.gather(owner, [p for p, _ in remote], [c for _, c in remote]))
-        self._in_flight[key] = submitted
+            shares = {}
+            for call in calls:
+                if call.segments[0].latents is None and firsts[call.key]:
+                    shares[call.key] = s.share(owners[call.key], call.key, firsts[call.key])
+                    submitted[call.key].append(shares[call.key])
+            remote: dict[int, list[tuple[list[StepPart], Call]]] = {}  # owner -> its parts in other chains
+            for g, slot in order:
+                entries = batches[(g, slot)]
+                chain = s.chain(g, [seg for _, segs, _, _ in entries for seg in segs], [e[2] for e in entries],
+                                [shares.get(key) if s.rank(g, 0) != owners[key] else None for key, *_ in entries],
+                                [owner for *_, owner in entries])
+                for key, _, _, _ in entries:
+                    submitted[key].append(chain)
+                for owner in dict.fromkeys(o for *_, o in entries if o is not None):
+                    remote.setdefault(owner, []).append(([p for _, _, p, o in entries if o == owner], chain))
+            for owner, chains in remote.items():
+                gather = s.gather(owner, [parts for parts, _ in chains], [c for _, c in chains])
+                for key in {p.key for parts, _ in chains for p in parts}:
+                    submitted[key].append(gather)
+        self._in_flight.update(submitted)
         if previous:
-            s.wait(previous)
-        if not step.final:
-            return StepOutput()
-        del self._in_flight[key]
-        return StepOutput(x=s.wait(submitted)[-1])
+            s.wait(list(previous.values()))
+        outputs = []
+        for call in calls:
+            if not call.step.final:
+                outputs.append(StepOutput())
+                continue
+            del self._in_flight[call.key]
+            x = next(r.done[call.key] for r in s.wait(submitted[call.key])
+                     if isinstance(r, StepReply) and call.key in r.done)
+            outputs.append(StepOutput(x=x))
+        return outputs
 
     def predicted_clean(self, context_id: str) -> Callable[[], Tensor]:
         """Asked of the image's state owner (the last stage of its COND group), queued behind
@@ -179,6 +219,8 @@ class ClusterExecutor:
         self.stages.wait(calls)
 
     def free(self, context_ids: list[str]) -> None:
+        if self.batcher is not None:
+            self.batcher.forget(context_ids)
         for key in context_ids:
             in_flight = self._in_flight.pop(key, None)
             if in_flight:  # the request stopped with a step queued: let it end before its memory goes

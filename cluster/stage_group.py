@@ -118,25 +118,31 @@ class StageGroup:
 
     # -- submissions (inside `ordered()`) ----------------------------------------------------
 
-    def chain(self, group: int, segments: list[Segment], part: StepPart | None = None,
-              latents: Call | None = None, owner: int | None = None) -> Call:
+    def chain(self, group: int, segments: list[Segment], parts: list[StepPart] | None = None,
+              latents: list[Call | None] | None = None, owners: list[int | None] | None = None) -> Call:
         """One micro-batch through the stages of a branch group; the call of its last stage.
-        `part` goes to the first and last stage of a denoising step's micro-batches; `latents`
-        (a `share` of the image's latents) to the first stage; `owner` (the rank of the image's
-        state owner, when another worker) to the last, which then sends it the velocities."""
+        A denoising step's micro-batch carries `parts` (one per image, in segment order) to its
+        first and last stage, `latents` (per part: a `share` of the image's latents, or None) to
+        the first, and `owners` (per part: the rank of the image's state owner where that is
+        another worker, which the last stage then sends the velocities) to the last."""
         metadata = [s.metadata() for s in segments]
         segments = _latents_in(segments, self.dtype)
         with self._lock:
             microbatch = next(self._ids)
+            tags = {o: next(self._ids) for o in owners or () if o is not None}
             ref, sent = None, []
             for spec in self.specs:
                 rank = self.rank(group, spec.index)
-                ends = spec.is_first or spec.is_last
-                ref = self._call(rank, "run", microbatch, segments if spec.is_first else metadata, ref,
-                                 part if ends else None, latents.ref if latents and spec.is_first else None,
-                                 owner if spec.is_last else None)
-                if not spec.is_last or owner is not None:
+                args = [microbatch, segments if spec.is_first else metadata, ref]
+                if parts:
+                    args += [parts if spec.is_first or spec.is_last else None,
+                             owners if spec.is_last else None, tags if spec.is_last else None]
+                    if spec.is_first:
+                        args += [c.ref if c else None for c in latents or [None] * len(parts)]
+                ref = self._call(rank, "run", *args)
+                if not spec.is_last:
                     sent.append((microbatch, rank))
+            sent += [(tag, rank) for tag in tags.values()]
         return Call(ref, tuple(sent))
 
     def share(self, owner: int, key: str, dsts: list[int]) -> Call:
@@ -146,10 +152,11 @@ class StageGroup:
             tag = next(self._ids)
             return Call(self._call(owner, "share", tag, key, dsts), tuple((tag, rank) for rank in [owner, *dsts]))
 
-    def gather(self, owner: int, parts: list[StepPart], velocities: list[Call]) -> Call:
-        """The state owner collects the velocities other branch groups' chains sent it."""
+    def gather(self, owner: int, parts: list[list[StepPart]], chains: list[Call]) -> Call:
+        """The state owner collects the velocities other branch groups' chains sent it
+        (`parts[i]`: its images' parts in `chains[i]`, in their order there)."""
         with self._lock:
-            return Call(self._call(owner, "gather", parts, *[c.ref for c in velocities]))
+            return Call(self._call(owner, "gather", parts, *[c.ref for c in chains]))
 
     def move_context(self, src_group: int, dst_group: int, src: str, dst: str) -> list[Call]:
         """Context `dst` on `dst_group` becomes a copy of `src` on `src_group`, stage by stage."""

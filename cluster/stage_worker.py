@@ -7,12 +7,14 @@ from the previous stage; the last stage returns per-segment outputs (logits) on 
 others send hidden states on.
 
 Denoising steps keep the sampler's state on the last stage of the branch group that runs the
-image's COND branch (the state owner), in a `SamplerStates` (pipelines/step.py): a `StepPart`
-travels with every micro-batch of a step. The owner collects its own velocities in `run`; the
-last stages of other branch groups send theirs to it, and `gather` collects those. When a step's
-last branch is in, the owner applies the `EulerStep` to the image's latents (float32, on its
-device). It returns them only after the final step; before a step whose first stages live in
-other processes, `share` sends them there (stage dtype), so latents stay on the devices.
+image's COND branch (the state owner), in a `SamplerStates` (pipelines/step.py). A step
+micro-batch carries the branches of one or more images (step-level batching,
+pipelines/batching.py), with a `StepPart` per image. The last stage collects the velocities of
+the images it owns in `run` and sends the others' to their owners, whose `gather` collects
+them. When a step's last branch is in, the owner applies the `EulerStep` to the image's latents
+(float32, on its device). It returns them only after the final step; before a step whose first
+stages live in other processes, `share` sends them there (stage dtype), so latents stay on the
+devices.
 A context can move to another branch group (`send_context` / `recv_context`: a fork whose copy
 runs elsewhere), its K/V going device to device like everything else (transport.py).
 Actor calls execute in submission order, which keeps every worker on the same order.
@@ -22,7 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -38,10 +40,20 @@ from bagel_model.segments import Segment, SegmentKind
 from bagel_model.simulated import Simulation, SimulatedRunner
 from bagel_model.stage import StageSpec
 from bagel_model.tokenizer import BagelTokenizer
-from pipelines.step import SamplerStates, StepPart
+from pipelines.step import SamplerStates, StepPart, by_part
 
 from .devices import resolve_device
 from .transport import Handle, Transport
+
+
+@dataclass(frozen=True)
+class StepReply:
+    """What a denoising micro-batch's last stage (or an owner's `gather`) returns: the
+    velocities it sent to other state owners (by owner rank), and the latents (float32, CPU) of
+    the images whose final step it applied."""
+
+    sent: dict[int, Handle]
+    done: dict[str, Tensor]
 
 
 class StageWorker:
@@ -102,58 +114,80 @@ class StageWorker:
 
     @torch.inference_mode()
     def run(self, released: list[int], microbatch: int, segments: list[Segment], upstream: Handle | None,
-            part: StepPart | None = None, latents: Handle | None = None,
-            owner: int | None = None) -> Handle | list | Tensor | None:
-        """`part`: this micro-batch computes these branches of a denoising step; `latents`: the
-        image's latents for noise segments without any (shared by the state owner when it is
-        another process); `owner`: the state owner's rank when it is another process (the last
-        stage sends it the velocities)."""
+            parts: list[StepPart] | None = None, owners: list[int | None] | None = None,
+            tags: dict[int, int] | None = None, *latents: Handle | None) -> Handle | list | StepReply | None:
+        """`parts`: this micro-batch computes these images' branches of a denoising step, in
+        segment order; `owners` (last stage): per part, its state owner's rank where that is
+        another process (the velocities go there, under `tags[owner]`), else None; `latents`
+        (first stage): per part, its image's latents for noise segments without any, shared by
+        the state owner when that is another process, else None."""
         self._release(released)
         hidden = None if self.spec.is_first else self.transport.recv(upstream)
         start = time.perf_counter()
         try:
-            if self.spec.is_first and part is not None:
-                segments = self._with_latents(segments, part, latents)
+            if self.spec.is_first and parts:
+                segments = self._with_latents(segments, parts, latents)
             out = self.runner.run(segments, hidden)
             if not self.spec.is_last:
                 return self.transport.send(out, microbatch, [self.transport.rank + 1])
-            if part is not None:
-                if owner is not None:
-                    self.runner.synchronize()
-                    return self.transport.send(torch.stack(out), microbatch, [owner])
-                return self._step([part], [out])
+            if parts:
+                return self._reply(parts, out, owners, tags)
             self.runner.synchronize()
             return [None if o is None else o.cpu() for o in out]
         finally:
             self.busy_s += time.perf_counter() - start
 
-    def _with_latents(self, segments: list[Segment], part: StepPart, latents: Handle | None) -> list[Segment]:
-        if latents is None:  # the state lives here (or the segments carry the first step's latents)
-            return self.samplers.fill([part], segments)
-        x = self._shared.get(latents.tag)
-        if x is None:
-            x = self._shared[latents.tag] = self.transport.recv(latents)
-        return [replace(s, latents=x) if s.kind is SegmentKind.NOISE and s.latents is None else s
-                for s in segments]
+    def _with_latents(self, segments: list[Segment], parts: list[StepPart],
+                      latents: tuple[Handle | None, ...]) -> list[Segment]:
+        out = []
+        for (part, group), handle in zip(by_part(parts, segments), latents):
+            if handle is None:  # the state lives here (or the segments carry the first step's latents)
+                out += self.samplers.fill([part], list(group))
+                continue
+            x = self._shared.get(handle.tag)
+            if x is None:
+                x = self._shared[handle.tag] = self.transport.recv(handle)
+            out += [replace(s, latents=x) if s.kind is SegmentKind.NOISE and s.latents is None else s for s in group]
+        return out
+
+    def _reply(self, parts: list[StepPart], out: list[Tensor], owners: list[int | None],
+               tags: dict[int, int]) -> StepReply:
+        """Send the velocities of images owned elsewhere to their owners (one tensor per owner,
+        the parts' rows one after another), collect the rest here."""
+        mine: list[tuple[StepPart, list[Tensor]]] = []
+        theirs: dict[int, list[Tensor]] = {}
+        for (part, vs), owner in zip(by_part(parts, out), owners):
+            if owner is None:
+                mine.append((part, list(vs)))
+            else:
+                theirs.setdefault(owner, []).extend(vs)
+        if theirs:
+            self.runner.synchronize()
+        sent = {owner: self.transport.send(torch.cat(vs), tags[owner], [owner]) for owner, vs in theirs.items()}
+        return StepReply(sent, self._step([p for p, _ in mine], [v for _, vs in mine for v in vs]))
 
     @torch.inference_mode()
-    def gather(self, released: list[int], parts: list[StepPart], *velocities: Handle) -> Tensor | None:
-        """State owner: collect the velocities other branch groups computed for these parts."""
+    def gather(self, released: list[int], parts: list[list[StepPart]], *replies: StepReply) -> StepReply:
+        """State owner: collect the velocities other branch groups' micro-batches sent it,
+        `parts[i]` those of `replies[i]` (each branch's rows: its image's latent tokens)."""
         self._release(released)
-        return self._step(parts, [list(self.transport.recv(h).unbind(0)) for h in velocities])
+        rank, collected, velocities = self.transport.rank, [], []
+        for chain_parts, reply in zip(parts, replies):
+            rows = [len(self.samplers.latents(p.key)) for p in chain_parts for _ in p.branches]
+            velocities += self.transport.recv(reply.sent[rank]).split(rows)
+            collected += chain_parts
+        return StepReply({}, self._step(collected, velocities))
 
-    def _step(self, parts: list[StepPart], velocities: list[list[Tensor]]) -> Tensor | None:
-        """Collect the parts' velocities (one image's); after its final step, its latents
-        (float32, CPU)."""
-        out = self.samplers.collect(parts, [v for vs in velocities for v in vs]).get(parts[0].key)
-        if out is None:
-            return None
-        if parts[0].step.final:
+    def _step(self, parts: list[StepPart], velocities: list[Tensor]) -> dict[str, Tensor]:
+        """Collect the parts' velocities; the latents (float32, CPU) of images whose final step
+        this applied."""
+        if not parts:
+            return {}
+        done = self.samplers.collect(parts, velocities)
+        final = {key: out.x for key, out in done.items() if out.x is not None and _final(parts, key)}
+        if final or self.transport.world_size > 1:  # the next step reads the latents elsewhere: done when this returns
             self.runner.synchronize()
-            return out.x.cpu()
-        if self.transport.world_size > 1:  # the next step reads the latents elsewhere: done when this returns
-            self.runner.synchronize()
-        return None
+        return {key: x.cpu() for key, x in final.items()}
 
     def share(self, released: list[int], tag: int, key: str, dsts: list[int]) -> Handle:
         """State owner: send the image's latents (stage dtype) to the first stages of `dsts`."""
@@ -204,3 +238,7 @@ class StageWorker:
                 "live_contexts": len(contexts), "context_ids": contexts, "kv_bytes": self.runner.cache.nbytes(),
                 "latent_states": self.samplers.keys(), "gpu_memory_bytes": memory,
                 "busy_s": getattr(self.runner, "busy_s", self.busy_s)}
+
+
+def _final(parts: list[StepPart], key: str) -> bool:
+    return any(p.key == key and p.step.final for p in parts)

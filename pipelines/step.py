@@ -100,7 +100,7 @@ class SamplerStates:
     def fill(self, parts: Sequence[StepPart], segments: list[Segment]) -> list[Segment]:
         """One forward's segments, noise segments without latents given their image's."""
         out = []
-        for part, group in _spread(parts, segments):
+        for part, group in by_part(parts, segments):
             out += [replace(s, latents=self.latents(part.key)) if s.kind is SegmentKind.NOISE and s.latents is None
                     else s for s in group]
         return out
@@ -124,7 +124,7 @@ class SamplerStates:
         the step of every image whose branches are now all in; returns those images' outputs.
         An image's state ends with its final step."""
         done = {}
-        for part, vs in _spread(parts, velocities):
+        for part, vs in by_part(parts, velocities):
             self.check(part)
             if part.x0 is not None:
                 self._images[part.key] = _Image(part.x0.to(self.device, torch.float32))
@@ -178,7 +178,7 @@ class SamplerStates:
         return StepOutput(x, v, by_branch)
 
 
-def _spread(parts: Sequence[StepPart], items: Sequence) -> Iterator[tuple[StepPart, Sequence]]:
+def by_part(parts: Sequence[StepPart], items: Sequence) -> Iterator[tuple[StepPart, Sequence]]:
     """Each part with its run of `items` (one per branch, in order)."""
     if sum(len(p.branches) for p in parts) != len(items):
         raise ValueError(f"{len(items)} outputs for parts covering {sum(len(p.branches) for p in parts)} branches")

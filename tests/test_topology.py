@@ -166,7 +166,8 @@ class RecordingStages:
         self.log.append(("share", key))
         return ("share", key)
 
-    def chain(self, group, segments, part=None, latents=None, owner=None):
+    def chain(self, group, segments, parts=None, latents=None, owners=None):
+        [part] = parts
         self.log.append(("chain", part.key, part.step.index))
         return ("chain", part.key, part.step.index)
 
