@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from bagel_model.hardware import profile_names
 from bagel_model.quantize import MODES, is_approximate
+from pipelines.batching import BATCH_WAIT_S, MAX_BATCH_TOKENS
 
 from .topology import PLACEMENT_STRATEGIES, Topology, gpu_shares
 
@@ -105,6 +106,10 @@ class AppArgs(BaseModel):
     transport: Literal["auto", "gloo", "nccl", "cuda_ipc"] = "auto"
     split_branches: bool | None = Field(None, description="CFG branches as separate micro-batches (default: when >1 stage)")
     max_concurrent_requests: int = Field(8, ge=1, description="requests worked on at once")
+    max_batch_tokens: int = Field(MAX_BATCH_TOKENS, ge=0, description="query tokens per denoising forward shared "
+                                  "by concurrent requests' steps (pipelines/batching.py); 0: no batching")
+    batch_wait_s: float = Field(BATCH_WAIT_S, ge=0, description="how long a step waits for the other requests' "
+                                "next steps (only while some are still handling their last one)")
     max_queued_requests: int = Field(32, ge=0, description="requests waiting beyond that; more get 429")
     retry_after_s: int = Field(2, ge=1)
     stage_rebuild_tries: int = Field(5, ge=1, description="attempts to rebuild the stage workers after one died; "

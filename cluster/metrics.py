@@ -1,8 +1,8 @@
 """The replica's metrics, in a `prometheus_client` registry of its own, served at `GET /metrics`.
 
 Requests are counted by task and outcome, the refused ones too (429 overloaded, 503 while
-starting or restarting); latency, queueing time, time to the first event and the time per
-phase (cluster/phases.py) are histograms; queue depth, KV-cache and GPU memory figures are
+starting or restarting); latency, queueing time, time to the first event, the time per
+phase (cluster/phases.py) and the requests per denoising forward (step batching) are histograms; queue depth, KV-cache and GPU memory figures are
 gauges, read from the service when scraped. Ray Serve's own metrics (requests, errors and
 latency per deployment and replica) stay on Ray's Prometheus endpoint; behind several ingress
 replicas `GET /metrics` describes the replica that answered (its `replica` label says which).
@@ -48,6 +48,9 @@ class Metrics:
                                      "token", ["replica", "task"], buckets=SHORT_BUCKETS, **labels)
         self.phase = Histogram("bagel_phase_seconds", "time per phase of successful requests (cluster/phases.py)",
                                ["replica", "task", "phase"], buckets=SHORT_BUCKETS, **labels)
+        self.requests_per_forward = Histogram(
+            "bagel_requests_per_forward", "requests whose denoising steps shared a forward (pipelines/batching.py)",
+            ["replica"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), **labels).labels(replica)
         self.stage = {name: Gauge(f"bagel_{name}", text, ["replica"], **labels).labels(replica)
                       for name, text in STAGE_GAUGES.items()}
         for name, text in LIVE_GAUGES.items():
@@ -69,6 +72,10 @@ class Metrics:
             self.latency.labels(self.replica, task).observe(latency_s)
             for phase, seconds in phases.items():
                 self.phase.labels(self.replica, task, phase).observe(seconds)
+
+    def forward(self, requests: int) -> None:
+        """A denoising forward carried the steps of this many requests."""
+        self.requests_per_forward.observe(requests)
 
     def stage_stats(self, stages: list[dict]) -> None:
         self.stage["live_kv_contexts"].set(sum(s["live_contexts"] for s in stages))

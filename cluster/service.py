@@ -115,7 +115,8 @@ class BagelService:
     def _use_stages(self, group: StageGroup) -> None:
         if self.executor is None:
             self.executor = ClusterExecutor(self.config, self.tokenizer, group, self.encoder, self.decoder,
-                                            self.args.split_branches)
+                                            self.args.split_branches, self.args.max_batch_tokens,
+                                            self.args.batch_wait_s, self.metrics.forward)
         else:
             self.executor.stages = group
 

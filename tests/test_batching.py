@@ -10,8 +10,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from PIL import Image
@@ -21,11 +23,12 @@ from pipelines.batching import StepBatcher, StepCall
 from pipelines.guidance import Branch
 from pipelines.local import LocalExecutor
 from pipelines.noise import NoiseSource
-from pipelines.params import ImageParams
+from pipelines.params import EDIT_DEFAULTS, ImageParams
 from pipelines.step import EulerStep, StepOutput
 from pipelines.tasks import generate_image
 
-EDIT_PARAMS = dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+from .service_app import data_url, max_pixel_diff, running_app
+
 
 
 def _requests(fixture_dir: Path) -> list[dict]:
@@ -33,7 +36,7 @@ def _requests(fixture_dir: Path) -> list[dict]:
     image = Image.open(fixture_dir / "inputs" / "input_gradient.png")
     return [
         dict(items=["a red fox"], params=ImageParams(height=128, width=128, num_timesteps=8), seed=1),
-        dict(items=[image, "make it night"], params=ImageParams(height=64, width=96, num_timesteps=6, **EDIT_PARAMS),
+        dict(items=[image, "make it night"], params=replace(EDIT_DEFAULTS, height=64, width=96, num_timesteps=6),
              seed=2),
         dict(items=["a blue bird at dawn"], params=ImageParams(height=64, width=64, num_timesteps=10), seed=3),
     ]
@@ -80,7 +83,37 @@ def test_concurrent_requests_joining_at_different_steps_equal_each_alone(executo
     for got, want in zip(results, alone):
         assert got is not None
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
-    print(sizes); assert max(sizes) == 3, sizes  # all three shared forwards
+    assert max(sizes) == 3, sizes  # all three shared forwards
+    assert batching.live_contexts() == [] and batching.batcher.live() == []
+
+
+def test_a_request_failing_mid_way_leaves_the_others_exact_and_nothing_behind(executor, batched, fixture_dir):
+    requests = _requests(fixture_dir)[::2]
+    alone = _generate(executor, requests[1])
+    batching, sizes = batched
+    sizes.clear()
+    both_running = threading.Barrier(2, timeout=60)
+    results: list = [None, None]
+
+    def run(i: int) -> None:
+        def on_step(progress) -> None:
+            if progress.step == 1:
+                both_running.wait()
+            if i == 0 and progress.step == 3:
+                raise RuntimeError("client went away")
+        try:
+            results[i] = _generate(batching, requests[i], on_step)
+        except RuntimeError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert isinstance(results[0], RuntimeError)
+    torch.testing.assert_close(results[1], alone, rtol=0, atol=1e-6 * float(alone.abs().max()))
+    assert sizes[2] >= 2  # they shared forwards before the first one stopped
     assert batching.live_contexts() == [] and batching.batcher.live() == []
 
 
@@ -159,3 +192,53 @@ def test_an_image_alone_never_waits_for_the_batch_window():
     for i in range(3):
         assert batcher.denoise(*_call("a", 102, index=i, final=i == 2)).v == i
     assert batcher.live() == []
+
+
+# -- the Serve app: 2 stages x 2 branch groups on CPU (gloo) ---------------------------------------
+
+SERVE_REQUESTS = [
+    ("/v1/images/generations", {"prompt": "a red fox", "size": "64x64", "num_timesteps": 8, "seed": 1}),
+    ("/v1/images/generations", {"prompt": "a blue bird at dawn", "size": "96x64", "num_timesteps": 6, "seed": 3}),
+    ("/v1/images/edits", {"prompt": "make it night", "num_timesteps": 6, "seed": 2}),
+]
+
+
+def test_serve_batches_concurrent_requests_on_stages_and_branch_groups(ray_url, executor, fixture_dir):
+    """Concurrent HTTP requests on topology 1x2x2 share forwards (the metric says so) and each
+    image equals the in-process pipeline's alone (within one pixel level, as every topology)."""
+    png = (fixture_dir / "inputs" / "input_gradient.png").read_bytes()
+    image = Image.open(fixture_dir / "inputs" / "input_gradient.png")
+    expected = []
+    for route, body in SERVE_REQUESTS:
+        size = tuple(int(v) for v in body["size"].split("x")) if "size" in body else (None, None)
+        params = replace(EDIT_DEFAULTS if "edits" in route else ImageParams(), width=size[0], height=size[1],
+                         num_timesteps=body["num_timesteps"])
+        items = [image, body["prompt"]] if "edits" in route else [body["prompt"]]
+        expected.append(generate_image(executor, items, params, noise=NoiseSource(body["seed"])).image)
+    args = {"checkpoint_dir": str(fixture_dir / "checkpoint"), "device": "cpu", "dtype": "float32",
+            "cfg_parallel": 2, "num_stages": 2, "batch_wait_s": 0.5}
+    with running_app(ray_url, args), httpx.Client(base_url=ray_url, timeout=120) as client:
+        responses: list = [None] * len(SERVE_REQUESTS)
+
+        def post(i: int) -> None:
+            route, body = SERVE_REQUESTS[i]
+            responses[i] = client.post(route, json={**body, "image": data_url(png)} if "edits" in route else body)
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(SERVE_REQUESTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for r, want in zip(responses, expected):
+            assert r is not None and r.status_code == 200, r and r.text
+            assert max_pixel_diff(r.json()["data"][0]["b64_json"], want) <= 1
+        metrics = client.get("/metrics").text
+        health = client.get("/health").json()
+    alone, forwards = (_metric(metrics, f"bagel_requests_per_forward_{name}") for name in ('bucket{le="1.0"', "count"))
+    assert forwards > alone, metrics  # some forwards carried several requests' steps
+    assert all(s["live_contexts"] == 0 and not s["latent_states"] for s in health["stages"])
+
+
+def _metric(text: str, prefix: str) -> float:
+    [value] = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)]
+    return value
