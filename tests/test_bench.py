@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from bagel_model.config import BagelConfig
-from bench import kernels, latency, previews
+from bench import batching, kernels, latency, previews
 from bench.report import quant_tables as report_tables
 
 
@@ -165,6 +165,28 @@ def test_previews_benchmark_measures_both_decoders(checkpoint_dir, tmp_path):
         assert 0 < r["decode_s_per_preview"] <= r["render_s_per_preview"]
         assert r["end_to_end_s"]["median"] > 0 and isinstance(report["within_target"][decoder], bool)
     assert report["linear_map_fit_s"] > 0 and len(report["linear_vs_vae_psnr_db"]) == 3
+
+
+def test_batching_benchmark_runs_every_configuration(checkpoint_dir, tmp_path):
+    """Images/min with batching on and off per size and concurrency, the big size at 1 only,
+    forward times per token count, the chart."""
+    code = batching.main(["--device", "cpu", "--checkpoint", str(checkpoint_dir), "--sizes", "64:4,32:4",
+                          "--concurrency", "1,3", "--waves", "1", "--big", "96:4", "--forward-segments", "1,4",
+                          "--forward-repeats", "1", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "batching.json").read_text())
+    runs = {(r["size"], r["concurrency"], r["batching"]): r for r in report["throughput"]}
+    assert set(runs) == {(s, c, b) for s in (64, 32) for c in (1, 3) for b in (True, False)} | {
+        (96, 1, True), (96, 1, False)}
+    for (size, c, on), r in runs.items():
+        assert r["images"] == c and r["images_per_min"] > 0
+        # 4 timesteps: 3 forwards per image, each carrying 1..c requests
+        assert (sum(int(n) * k for n, k in r["requests_per_forward"].items()) == 3 * c) if on else \
+            r["requests_per_forward"] is None
+    assert [(f["size"], f["segments"], f["tokens"]) for f in report["forward_ms"]] == [
+        (64, 1, 18), (64, 4, 72), (32, 1, 6), (32, 4, 24)]
+    assert all(f["eager_ms"] > 0 and "graph_ms" not in f for f in report["forward_ms"])  # no CUDA graphs on CPU
+    assert set(report["summary"]) == {"64", "32", "96"} and (tmp_path / "batching.png").stat().st_size > 0
 
 
 def test_side_by_side_runs_the_official_runs_and_reads_their_times(checkpoint_dir, tmp_path, monkeypatch):
