@@ -1,19 +1,25 @@
 """Conversation contexts: what the model has seen, as KV caches held by the executor.
 
-A `Context` is bookkeeping only (`kv_len`, `rope_pos`, and `history`, the list of blocks it
-holds); the tensors stay in the executor. A `Session` creates, forks and appends to the contexts
-of one request and frees every one of them on `close()`, whatever happened (spec §4.4, §5.1).
+A `Context` is bookkeeping only (`kv_len`, `rope_pos`, and `history`, the keys of the blocks it
+holds or will hold); the tensors stay in the executor. A `Session` creates, forks and appends to
+the contexts of one request and frees every one of them on `close()`, whatever happened (spec
+§4.4, §5.1). Appending only queues a block (pipelines/blocks.py); the queue runs when a context
+is used (`fork`, `materialize`): each context first takes the longest prefix of its blocks that
+the executor's prefix cache holds (pipelines/prefix_cache.py), then the remaining blocks are
+prefilled one executor call per append, as they were queued, so the numbers are the same with
+and without the cache. A call whose contexts do not all skip it runs for all of them (a context
+then takes a shorter prefix): batching never changes.
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
 
-from torch import Tensor
+import torch
 
-from bagel_model.segments import Segment
-
+from .blocks import Block, text_block
 from .executor import Executor
+from .prefix_cache import CachedPrefix, PrefixCache
 
 _ids = itertools.count()
 
@@ -23,8 +29,10 @@ class Context:
     context_id: str
     kv_len: int = 0
     rope_pos: int = 0
-    history: tuple = field(default_factory=tuple)  # one entry per appended block, for equality checks
+    history: tuple = field(default_factory=tuple)  # the key of every appended block (pipelines/blocks.py)
     image_tokens: int = 0  # of kv_len: the input images' blocks, markers included (usage counts)
+    cached_tokens: int = 0  # of kv_len: reused from the prefix cache
+    prefilled: int = 0  # blocks of `history` in the executor's cache; the others are queued
 
 
 def context_name(context_id: str) -> tuple[str, str]:
@@ -42,6 +50,7 @@ class Session:
         self.request_id = request_id or f"req{next(_ids)}"
         self._created: list[str] = []
         self._count = itertools.count()
+        self._queued: list[tuple[Block, list[tuple[Context, int]]]] = []  # block, (context, its index in history)
 
     def new(self, name: str) -> Context:
         """A context named `name` (the sampler's contexts are named by their `Branch`)."""
@@ -50,18 +59,23 @@ class Session:
         return context
 
     def fork(self, src: Context, name: str) -> Context:
+        self.materialize()
         dst = self.new(name)
         self.executor.fork(src.context_id, dst.context_id)
         dst.kv_len, dst.rope_pos, dst.history, dst.image_tokens = src.kv_len, src.rope_pos, src.history, src.image_tokens
+        dst.cached_tokens, dst.prefilled = src.cached_tokens, src.prefilled
         return dst
 
     def release(self, context: Context) -> None:
         """Free one context early (e.g. a temporary fork)."""
+        self._queued = [(b, kept) for b, members in self._queued
+                        if (kept := [(c, i) for c, i in members if c is not context])]
         self.executor.free([context.context_id])
         self._created.remove(context.context_id)
 
     def close(self) -> None:
         """Free every context this session created."""
+        self._queued = []
         if self._created:
             self.executor.free(self._created)
             self._created = []
@@ -72,27 +86,78 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def append_text(self, contexts: list[Context], token_ids: list[int]) -> None:
-        """Append the block <|im_start|> ids <|im_end|> to each context, in one executor call."""
-        ids = self.executor.tokenizer.text_block(token_ids)
-        self.executor.prefill([Segment.text(c.context_id, ids, c.rope_pos) for c in contexts])
+    def append(self, contexts: list[Context], block: Block) -> None:
+        """Queue `block` for these contexts: one executor call for all of them."""
+        members = []
         for c in contexts:
-            c.kv_len += len(ids)
-            c.rope_pos += len(ids)
-            c.history += (("text", tuple(ids)),)
+            members.append((c, len(c.history)))
+            c.history += (block.key,)
+        self._queued.append((block, members))
 
-    def append_vit(self, context: Context, embeds: Tensor, key: object) -> None:
-        """Append a ViT image block."""
-        self._append_image(context, Segment.vit(context.context_id, embeds, context.rope_pos), ("vit", key))
+    def append_text(self, contexts: list[Context], token_ids: list[int]) -> None:
+        """Queue the block <|im_start|> ids <|im_end|> for each context."""
+        self.append(contexts, text_block(self.executor.tokenizer.text_block(token_ids)))
 
-    def append_vae(self, context: Context, latents: Tensor, grid: tuple[int, int], key: object) -> None:
-        """Append a clean VAE image block (generation expert, t = 0)."""
-        self._append_image(context, Segment.vae(context.context_id, latents, grid, context.rope_pos), ("vae", key))
+    def materialize(self) -> None:
+        """Bring every context up to its history: reuse cached prefixes, prefill the rest, and
+        offer the results to the prefix cache."""
+        if not self._queued:
+            return
+        queued, self._queued = self._queued, []
+        contexts = list({id(c): c for _, members in queued for c, _ in members}.values())
+        cache: PrefixCache | None = getattr(self.executor, "prefix_cache", None)
+        if cache is not None:
+            self._reuse(cache, contexts, queued)
+        for block, members in queued:
+            run = [c for c, i in members if i >= c.prefilled]
+            if not run:
+                continue
+            segments = [block.segment(c.context_id, c.rope_pos) for c in run]
+            try:
+                self.executor.prefill(segments)
+            except torch.OutOfMemoryError:
+                if cache is not None:  # running requests win over cached prefixes
+                    cache.clear()
+                raise
+            for c, segment in zip(run, segments):
+                c.kv_len += segment.num_tokens
+                c.rope_pos += 1 if block.is_image else segment.num_tokens  # an image block has one position
+                c.image_tokens += segment.num_tokens if block.is_image else 0
+                c.prefilled += 1
+        if cache is not None:
+            for c in contexts:
+                cache.add(c.context_id, c.history, c.kv_len, c.rope_pos, c.image_tokens)
 
-    def _append_image(self, context: Context, block: Segment, entry: tuple) -> None:
-        """All tokens of an image block share one RoPE position."""
-        self.executor.prefill([block])
-        context.kv_len += block.num_tokens
-        context.image_tokens += block.num_tokens
-        context.rope_pos += 1
-        context.history += (entry,)
+    def _reuse(self, cache: PrefixCache, contexts: list[Context],
+               queued: list[tuple[Block, list[tuple[Context, int]]]]) -> None:
+        """Fork each context's longest cached prefix into it, such that every queued call is
+        skipped by all its contexts or by none."""
+        limit = {id(c): len(c.history) for c in contexts}
+        while True:
+            hits = {id(c): cache.longest(c.history[:limit[id(c)]], c.prefilled) for c in contexts}
+            reach = {k: len(h.history) for k, h in hits.items() if h is not None}
+            split = []
+            for _, members in queued:
+                skipping = [(c, i) for c, i in members if i < reach.get(id(c), 0)]
+                if len(skipping) < len(members):
+                    split += skipping
+            for c, i in split:
+                limit[id(c)] = min(limit[id(c)], i)
+            chosen = [h for h in hits.values() if h is not None]
+            if not split and cache.pin(chosen):
+                break
+        try:
+            for c in contexts:
+                hit = hits[id(c)]
+                cache.record(hit)
+                if hit is not None:
+                    self._take(c, hit)
+        finally:
+            cache.unpin(chosen)
+
+    def _take(self, context: Context, prefix: CachedPrefix) -> None:
+        """`context` becomes a copy of a cached prefix of its history."""
+        self.executor.free([context.context_id])  # what it holds (a shorter prefix, or an empty fork)
+        self.executor.fork(prefix.context_id, context.context_id)
+        context.kv_len, context.rope_pos, context.image_tokens = prefix.kv_len, prefix.rope_pos, prefix.image_tokens
+        context.prefilled, context.cached_tokens = len(prefix.history), prefix.kv_len

@@ -17,6 +17,7 @@ from bagel_model.config import BagelConfig
 from bagel_model.segments import Segment
 from bagel_model.tokenizer import BagelTokenizer
 
+from .prefix_cache import PrefixCache
 from .step import EulerStep, StepOutput
 
 
@@ -24,6 +25,7 @@ class Executor(Protocol):
     config: BagelConfig
     tokenizer: BagelTokenizer
     device: torch.device  # where returned logits live
+    prefix_cache: PrefixCache | None  # prompt prefixes kept across requests (None: off)
 
     def prefill(self, segments: list[Segment]) -> None:
         """Append the segments' tokens to their contexts' caches."""

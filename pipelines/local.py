@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from bagel_model.config import BagelConfig
+from bagel_model.cost import kv_bytes_per_token
 from bagel_model.kernels import EAGER, Kernels
 from bagel_model.kv_cache import KVCache
 from bagel_model.latent_rgb import fit_latent_rgb
@@ -25,6 +26,7 @@ from bagel_model.vae import AutoEncoder
 from bagel_model.vit import VisionEncoder
 
 from .batching import BATCH_WAIT_S, MAX_BATCH_TOKENS, StepBatcher, StepCall
+from .prefix_cache import PrefixCache
 from .step import EulerStep, SamplerStates, StepOutput, StepPart
 
 
@@ -34,11 +36,12 @@ class LocalExecutor:
     def __init__(self, config: BagelConfig, tokenizer: BagelTokenizer, stages: list[BagelStage],
                  vision: VisionEncoder, vae: AutoEncoder, decode_slots: int = 8, graphs: bool | None = None,
                  max_batch_tokens: int = MAX_BATCH_TOKENS, batch_wait_s: float = BATCH_WAIT_S,
-                 on_forward: Callable[[int], None] | None = None):
+                 on_forward: Callable[[int], None] | None = None, prefix_cache_bytes: int | None = None):
         """`decode_slots`: contexts the fast decode path holds at once per stage (0: off);
         `graphs`: CUDA graphs for decode steps and denoising forwards (default: on CUDA);
         `max_batch_tokens`, `batch_wait_s`, `on_forward`: the `StepBatcher`'s (0 tokens: each
-        step runs alone)."""
+        step runs alone); `prefix_cache_bytes`: the prefix cache's budget per stage
+        (pipelines/prefix_cache.py; None: no cache)."""
         self.config, self.tokenizer = config, tokenizer
         self.stages, self.vision, self.vae = stages, vision, vae
         self.runners = [StageRunner(s, tokenizer.image_markers, decode_slots=decode_slots, graphs=graphs)
@@ -49,6 +52,9 @@ class LocalExecutor:
         self._lock = threading.RLock()  # one model call at a time; caches and states change under it
         self.batcher = StepBatcher(self._denoise_batch, max_batch_tokens, batch_wait_s, on_forward) \
             if max_batch_tokens else None
+        self.prefix_cache = None if prefix_cache_bytes is None else PrefixCache(
+            self, prefix_cache_bytes,
+            kv_bytes_per_token(config.llm, stages[0].dtype.itemsize, max(len(c.layers) for c in self.caches)))
 
     @property
     def caches(self) -> list[KVCache]:
@@ -61,11 +67,12 @@ class LocalExecutor:
                         graphs: bool | None = None, quantize: str | None = None,
                         quantize_vit: bool = False, kernels: Kernels = EAGER,
                         max_batch_tokens: int = MAX_BATCH_TOKENS, batch_wait_s: float = BATCH_WAIT_S,
-                        on_forward: Callable[[int], None] | None = None) -> LocalExecutor:
+                        on_forward: Callable[[int], None] | None = None,
+                        prefix_cache_bytes: int | None = None) -> LocalExecutor:
         """`fp8`: APPROXIMATE FP8 GEMMs in the generation expert's MLP (`quantize_gen_mlp`);
-        `graphs`, `max_batch_tokens`, `batch_wait_s`, `on_forward`: as in the constructor;
-        `quantize`: the LLM layers' weight format, also the ViT's with `quantize_vit`
-        (bagel_model/quantize.py); `kernels`: what the stages run (bagel_model/kernels.py)."""
+        `graphs`, `max_batch_tokens`, `batch_wait_s`, `on_forward`, `prefix_cache_bytes`: as in
+        the constructor; `quantize`: the LLM layers' weight format, also the ViT's with
+        `quantize_vit` (bagel_model/quantize.py); `kernels`: what the stages run (bagel_model/kernels.py)."""
         config = BagelConfig.from_checkpoint_dir(checkpoint_dir)
         tokenizer = BagelTokenizer.from_dir(checkpoint_dir)
         specs = split_layers(config.llm.num_hidden_layers, num_stages)
@@ -77,7 +84,7 @@ class LocalExecutor:
                                      quantize=quantize if quantize_vit else None)
         vae = load_vae(checkpoint_dir, config, device=device, dtype=vae_dtype)
         return cls(config, tokenizer, stages, vision, vae, graphs=graphs, max_batch_tokens=max_batch_tokens,
-                   batch_wait_s=batch_wait_s, on_forward=on_forward)
+                   batch_wait_s=batch_wait_s, on_forward=on_forward, prefix_cache_bytes=prefix_cache_bytes)
 
     def _run(self, segments: list[Segment]) -> list[Tensor | None]:
         with self._lock:

@@ -19,6 +19,7 @@ from bagel_model.errors import InvalidRequest
 from bagel_model.latents import patchify, to_uint8, unpatchify
 from bagel_model.transforms import to_rgb, to_tensor
 
+from .blocks import vae_block, vit_block
 from .context import Context, Session
 from .executor import Executor
 from .guidance import Branch
@@ -47,6 +48,7 @@ class TextResult:
     token_ids: list[int]
     finish_reason: str = "stop"  # "length": ended by max_new_tokens
     prompt_tokens: int = 0  # the context it was generated from: text and image tokens, markers included
+    cached_tokens: int = 0  # of those, reused from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ImageResult:
     thought: TextResult | None = None  # think mode: the generated plan
     prompt_tokens: int = 0  # the conditional context before any thought: text and image tokens
     prompt_image_tokens: int = 0  # of those, the input images'
+    cached_tokens: int = 0  # of those, reused from the prefix cache
     image_tokens: int = 0  # latent tokens generated
 
 
@@ -94,11 +97,13 @@ def generate_image(executor: Executor, items: list[Item], params: ImageParams, *
         if negative:
             session.append_text([cfg_text], tok.encode(negative))
         size = (params.height or size[0], params.width or size[1])
-        prompt_tokens, prompt_image_tokens = cond.kv_len, cond.image_tokens
+        session.materialize()
+        prompt_tokens, prompt_image_tokens, cached_tokens = cond.kv_len, cond.image_tokens, cond.cached_tokens
         thought = None
         if think:
             thought = _generate(session, cond, text_params, noise.generator, on_text)
             session.append_text([cond], tok.encode(thought.text))
+            session.materialize()
         grid = cfg.latent_grid(*size)
         x = noise.randn(grid[0] * grid[1], cfg.patch_latent_dim)
         contexts = {Branch.COND: cond, Branch.CFG_TEXT: cfg_text, Branch.CFG_IMG: cfg_img}
@@ -107,7 +112,7 @@ def generate_image(executor: Executor, items: list[Item], params: ImageParams, *
     latent = unpatchify(x.float().cpu(), *grid, p=cfg.latent_patch_size, channels=cfg.latent_channels)
     decoded = executor.decode_latents(latent)
     return ImageResult(Image.fromarray(to_uint8(decoded.cpu()).numpy()), x.float().cpu(), thought, prompt_tokens,
-                       prompt_image_tokens, grid[0] * grid[1])
+                       prompt_image_tokens, cached_tokens, grid[0] * grid[1])
 
 
 def _with_previews(on_step: Callable[[StepProgress], None] | None, on_preview: Callable[[Preview], None] | None,
@@ -150,6 +155,7 @@ def understand(executor: Executor, items: list[Item], text_params: TextParams = 
 
 def _generate(session: Session, context: Context, params: TextParams, generator: torch.Generator,
               on_text: Callable[[str], None] | None) -> TextResult:
+    session.materialize()
     stream, prompt_tokens = TextStream(session.executor.tokenizer, params.stop), context.kv_len
     for token in generate_text(session, context, params, generator):
         delta = stream.push(token)
@@ -161,7 +167,7 @@ def _generate(session: Session, context: Context, params: TextParams, generator:
     if rest and on_text is not None:
         on_text(rest)
     length = not stream.stopped and len(stream.ids) >= params.max_new_tokens
-    return TextResult(stream.text, stream.ids, "length" if length else "stop", prompt_tokens)
+    return TextResult(stream.text, stream.ids, "length" if length else "stop", prompt_tokens, context.cached_tokens)
 
 
 def _refork(session: Session, cond: Context, old: Context) -> Context:
@@ -172,18 +178,18 @@ def _refork(session: Session, cond: Context, old: Context) -> Context:
 
 def _append_image(session: Session, context: Context, image: Image.Image, noise: NoiseSource,
                   with_vae: bool) -> tuple[int, int]:
-    """Append an input image (VAE block, then ViT block); returns its VAE-resized (H, W)."""
+    """Queue an input image (VAE block, then ViT block); returns its VAE-resized (H, W). The
+    posterior noise is drawn here, as the encoders' work may be skipped (a cached prefix)."""
     executor, cfg = session.executor, session.executor.config
     resized, vit_image = cfg.resize_input(to_rgb(image))
     width, height = resized.size
-    key = id(image)
     if with_vae:
         z = cfg.vae.z_channels
         eps = noise.randn(1, z, height // cfg.vae.downsample, width // cfg.vae.downsample)
-        latent = executor.encode_vae(to_tensor(resized)[None], eps)
-        session.append_vae(context, patchify(latent, cfg.latent_patch_size), cfg.latent_grid(height, width), key)
-    embeds = executor.encode_vit([to_tensor(vit_image)])[0]
-    session.append_vit(context, embeds, key)
+        session.append([context], vae_block(
+            resized, eps, cfg.latent_grid(height, width),
+            lambda: patchify(executor.encode_vae(to_tensor(resized)[None], eps), cfg.latent_patch_size)))
+    session.append([context], vit_block(vit_image, lambda: executor.encode_vit([to_tensor(vit_image)])[0]))
     return height, width
 
 
