@@ -92,9 +92,13 @@ class KVCache:
         entry = self._data.get(context_id)
         return 0 if not entry else next(iter(entry.values()))[0].shape[0]
 
-    def nbytes(self) -> int:
+    def nbytes(self, context_ids: list[str] | None = None) -> int:
+        """Bytes held by these contexts (default: all), tensors they share counted once."""
+        wanted = None if context_ids is None else set(context_ids)
         seen, total = set(), 0
-        for entry in self._data.values():
+        for context_id, entry in self._data.items():
+            if wanted is not None and context_id not in wanted:
+                continue
             for k, v in entry.values():
                 for t in (k, v):
                     if id(t) not in seen:
@@ -103,7 +107,7 @@ class KVCache:
         if self._slot:
             k = next(iter(self.storage.k.values()))
             per_token = 2 * len(self.layers) * k.shape[1] * k.shape[3] * k.element_size()
-            total += per_token * sum(self._slot_len.values())
+            total += per_token * sum(n for c, n in self._slot_len.items() if wanted is None or c in wanted)
         return total
 
     # Decode slots -------------------------------------------------------------------------

@@ -83,8 +83,9 @@ class SimulatedKVCache:
     def context_ids(self) -> list[str]:
         return list(self._data)
 
-    def nbytes(self) -> int:
-        return self.bytes_per_token * sum(dict(self._data.values()).values())
+    def nbytes(self, context_ids: list[str] | None = None) -> int:
+        data = self._data if context_ids is None else {c: self._data[c] for c in context_ids if c in self._data}
+        return self.bytes_per_token * sum(dict(data.values()).values())
 
 
 class SimulatedRunner:

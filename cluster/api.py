@@ -43,6 +43,7 @@ class ImageOutput:
     output_format: str = "png"
     prompt_tokens: int = 0  # the prompt's text and image tokens, as the model saw them
     prompt_image_tokens: int = 0  # of those, the input images'
+    cached_tokens: int = 0  # of those, reused from the prefix cache
     output_tokens: int = 0  # the thought's tokens and the image's latent tokens
 
 
@@ -62,3 +63,4 @@ class TextOutput:
     completion_tokens: int
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int = 0  # the prompt's text and image tokens, as the model saw them
+    cached_tokens: int = 0  # of those, reused from the prefix cache

@@ -118,6 +118,10 @@ class AppArgs(BaseModel):
                                            "after each further one (at most 60 s)")
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queueing included (504 after)")
     kv_cache_bytes: int | None = Field(None, gt=0, description="KV-cache budget per stage; requests wait for room (null: no limit)")
+    prefix_cache: bool = Field(True, description="keep prompt prefixes' KV caches for later requests to reuse "
+                               "(README, Prefix caching)")
+    prefix_cache_bytes: int = Field(4 * 2**30, gt=0, description="the prefix cache's KV bytes per stage, beside the "
+                                    "requests'; least recently used prefixes are evicted beyond it")
     image_memory_bytes: int = Field(2 * 2**30, gt=0, description="ingress memory for decoded input images, "
                                     "estimated from their headers (8 bytes a pixel); requests wait for room")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1/* ($BAGEL_API_KEY)")

@@ -6,7 +6,8 @@ encoding and decoding go to the encoder and decoder deployments. Logits come bac
 Branch groups (CFG-parallel): every context lives on one branch group, chosen when it first
 appears. A request's COND context goes to the group with the fewest requests based there, its
 text-free context to the next group and its image-free context to the one after (as far as
-there are groups); other contexts (a decode fork) stay with their source. Prefills and decodes
+there are groups); other contexts (a decode fork, a prefix cache entry) stay with their source.
+Prefills and decodes
 run on their contexts' groups, all at once; a fork whose copy belongs to another group moves the
 K/V there stage by stage.
 
@@ -44,6 +45,7 @@ from bagel_model.tokenizer import BagelTokenizer
 from pipelines.batching import BATCH_WAIT_S, MAX_BATCH_TOKENS, StepBatcher, StepCall
 from pipelines.context import context_name
 from pipelines.guidance import Branch
+from pipelines.prefix_cache import CACHE_REQUEST, PrefixCache
 from pipelines.step import EulerStep, StepOutput, StepPart
 
 from .errors import DeploymentFailed, describe
@@ -62,6 +64,7 @@ class ClusterExecutor:
         """`max_batch_tokens`, `batch_wait_s`, `on_forward`: the `StepBatcher`'s (0 tokens: each
         step runs alone)."""
         self.config, self.tokenizer, self.stages = config, tokenizer, stages
+        self.prefix_cache: PrefixCache | None = None  # set by the service once the stages are warm
         self.encoder, self.decoder = encoder, decoder
         self.split_branches = stages.num_stages > 1 if split_branches is None else split_branches
         self.batcher = StepBatcher(self._denoise_batch, max_batch_tokens, batch_wait_s, on_forward) \
@@ -84,7 +87,7 @@ class ClusterExecutor:
             groups = self.stages.num_groups
             entry = self._requests.get(request)
             if entry is None:
-                load = Counter(base for base, _ in self._requests.values())
+                load = Counter(base for r, (base, _) in self._requests.items() if r != CACHE_REQUEST)
                 entry = self._requests[request] = [min(range(groups), key=lambda g: (load[g], g)), 0]
             if name in BRANCH_OFFSET:
                 home = (entry[0] + min(BRANCH_OFFSET[name], groups - 1)) % groups

@@ -25,10 +25,21 @@ LIVE_GAUGES = {
     "stage_group_rebuilds": "stage groups replaced after a stage worker failed",
     "deployment_failures": "encoder or decoder failures seen (Serve restarts those)",
 }
+# the prefix cache's figures (pipelines/prefix_cache.py: PrefixCache.stats), read at scrape time
+PREFIX_CACHE_STATS = {
+    "hits": "prompt contexts that reused a cached prefix (since the stage workers were built)",
+    "misses": "prompt contexts that found no cached prefix",
+    "hit_tokens": "prompt tokens reused from cached prefixes",
+    "evictions": "cached prefixes evicted (least recently used first)",
+    "entries": "cached prefixes held",
+    "bytes": "KV bytes per stage of the cached prefixes",
+    "budget_bytes": "the prefix cache's budget per stage (0: off)",
+}
+LIVE_GAUGES.update({f"prefix_cache_{name}": text for name, text in PREFIX_CACHE_STATS.items()})
 # gauges refreshed from the stages' stats: name -> help
 STAGE_GAUGES = {
     "live_kv_contexts": "KV contexts held by the stages",
-    "kv_bytes": "KV-cache bytes held by the stages",
+    "kv_bytes": "KV-cache bytes held by the stages for requests",
     "gpu_memory_bytes": "GPU memory allocated by the stages",
 }
 

@@ -30,6 +30,7 @@ class ImageData(BaseModel):
 class InputTokensDetails(BaseModel):
     text_tokens: int
     image_tokens: int
+    cached_tokens: int = 0  # of the input tokens, reused from the prefix cache (by every image)
 
 
 class ImagesUsage(BaseModel):
@@ -47,8 +48,9 @@ class ImagesUsage(BaseModel):
         prompt = max(o.prompt_tokens for o in outputs)
         images = max(o.prompt_image_tokens for o in outputs)
         generated = sum(o.output_tokens for o in outputs)
-        return cls(input_tokens=prompt, input_tokens_details=InputTokensDetails(text_tokens=prompt - images,
-                                                                                image_tokens=images),
+        details = InputTokensDetails(text_tokens=prompt - images, image_tokens=images,
+                                     cached_tokens=min(o.cached_tokens for o in outputs))
+        return cls(input_tokens=prompt, input_tokens_details=details,
                    output_tokens=generated, total_tokens=prompt + generated)
 
 
@@ -139,12 +141,17 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # of the prompt tokens, reused from the prefix cache (by every choice)
+
+
 class Usage(BaseModel):
     """prompt_tokens: the prompt as the model saw it (chat markers and image tokens included)."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
     @classmethod
     def of(cls, outputs: list[TextOutput | ImageOutput]) -> Usage:
@@ -152,7 +159,8 @@ class Usage(BaseModel):
         (an image's: its thought and its latent tokens)."""
         prompt = max(o.prompt_tokens for o in outputs)
         completion = sum(o.completion_tokens if isinstance(o, TextOutput) else o.output_tokens for o in outputs)
-        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=min(o.cached_tokens for o in outputs)))
 
 
 class ChatCompletion(BaseModel):

@@ -29,11 +29,13 @@ import ray
 from PIL import Image
 
 from bagel_model.config import BagelConfig
+from bagel_model.cost import kv_bytes_per_token
 from bagel_model.demo import DEMO_LABEL, checkpoint_or_demo, is_demo_checkpoint
 from bagel_model.errors import BagelError, InvalidRequest
 from bagel_model.simulated import Simulation
 from bagel_model.tokenizer import BagelTokenizer
 from pipelines.noise import NoiseSource, random_seed
+from pipelines.prefix_cache import PrefixCache
 from pipelines.previews import Preview, PreviewRenderer
 from pipelines.tasks import generate_image, understand
 
@@ -48,7 +50,7 @@ from .image_encoding import encode_image
 from .image_store import ImageStore, StoreClient
 from .inputs import checked_items, decoded, decoded_bytes
 from .jobs import Job, cancel_all
-from .metrics import Metrics
+from .metrics import PREFIX_CACHE_STATS, Metrics
 from .phases import TimedExecutor, server_timing, timed
 from .stage_group import StageGroup
 from .supervisor import StageSupervisor
@@ -96,7 +98,9 @@ class BagelService:
             "kv_reserved_bytes": lambda: self.admission.kv_reserved,
             "ready": lambda: float(self.supervisor.state == "ok" and not self.deployments.down),
             "stage_group_rebuilds": lambda: self.supervisor.rebuilds,
-            "deployment_failures": lambda: self.deployments.failures})
+            "deployment_failures": lambda: self.deployments.failures,
+            **{f"prefix_cache_{name}": (lambda name=name: self._prefix_cache_stats().get(name, 0))
+               for name in PREFIX_CACHE_STATS}})
         self.supervisor.start()
 
     @property
@@ -119,6 +123,18 @@ class BagelService:
                                             self.args.batch_wait_s, self.metrics.forward)
         else:
             self.executor.stages = group
+        self.executor.prefix_cache = None  # the old group's entries went with it; a new cache once warm
+
+    def _new_prefix_cache(self) -> PrefixCache | None:
+        if not self.args.prefix_cache:
+            return None
+        layers = max(len(s.layers) for s in self.stages.specs)
+        return PrefixCache(self.executor, self.args.prefix_cache_bytes,
+                           kv_bytes_per_token(self.config.llm, self.dtype.itemsize, layers))
+
+    def _prefix_cache_stats(self) -> dict:
+        cache = self.executor.prefix_cache if self.executor is not None else None
+        return cache.stats() if cache is not None else {}
 
     def _warm_up(self) -> None:
         """Run the warm-up requests on the new stage group (supervisor thread)."""
@@ -127,6 +143,7 @@ class BagelService:
 
         sizes = warmup_sizes(self.args.warmup, self.config, self.device == "cuda")
         self.warmup_s = warm_up(self.executor, self.args.warmup, sizes, progress)
+        self.executor.prefix_cache = self._new_prefix_cache()  # after the warm-up: its prompts are not kept
         self.starting = "ready"
 
     # -- requests ---------------------------------------------------------------------------
@@ -264,7 +281,7 @@ class BagelService:
         thought = result.thought
         return ImageOutput(data, result.image.width, result.image.height, seed, thought.text if thought else None,
                            task.output.format, prompt_tokens=result.prompt_tokens,
-                           prompt_image_tokens=result.prompt_image_tokens,
+                           prompt_image_tokens=result.prompt_image_tokens, cached_tokens=result.cached_tokens,
                            output_tokens=result.image_tokens + (len(thought.token_ids) if thought else 0))
 
     def _preview_renderer(self, task: ImageTask, job: Job) -> PreviewRenderer:
@@ -281,7 +298,8 @@ class BagelService:
         result = understand(TimedExecutor(self.executor, job.phases), decoded(task.items), task.params,
                             think=task.think, seed=task.seed,
                             on_text=lambda delta: job.emit({"type": "text", "delta": delta}))
-        return TextOutput(result.text, len(result.token_ids), result.finish_reason, result.prompt_tokens)
+        return TextOutput(result.text, len(result.token_ids), result.finish_reason, result.prompt_tokens,
+                          result.cached_tokens)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -291,7 +309,7 @@ class BagelService:
         return {"replica": self.replica, "topology": str(self.args.topology), "links": self.stages.links,
                 "requests_in_system": self.admission.in_system, "requests_completed": self.completed,
                 "kv_reserved_bytes": self.admission.kv_reserved, "image_reserved_bytes": self.admission.image_reserved,
-                "stages": stages}
+                "prefix_cache": self._prefix_cache_stats() or None, "stages": stages}
 
     async def health(self) -> tuple[int, dict]:
         """(HTTP status, body): 200 "ok" with every stage worker's stats (its replica, branch

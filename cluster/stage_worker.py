@@ -40,6 +40,7 @@ from bagel_model.segments import Segment, SegmentKind
 from bagel_model.simulated import Simulation, SimulatedRunner
 from bagel_model.stage import StageSpec
 from bagel_model.tokenizer import BagelTokenizer
+from pipelines.prefix_cache import is_cached_prefix
 from pipelines.step import SamplerStates, StepPart, by_part
 
 from .devices import resolve_device
@@ -231,11 +232,15 @@ class StageWorker:
         self.samplers.free(context_ids)
 
     def stats(self) -> dict:
+        """Requests' contexts and the prefix cache's (pipelines/prefix_cache.py) apart."""
         memory = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
-        contexts = self.runner.cache.context_ids()
+        cache = self.runner.cache
+        cached = [c for c in cache.context_ids() if is_cached_prefix(c)]
+        contexts = [c for c in cache.context_ids() if not is_cached_prefix(c)]
         return {"replica": self.replica, "branch_group": self.branch_group, "stage": self.spec.index,
                 "pid": os.getpid(), "layers": [self.spec.layers.start, self.spec.layers.stop],
-                "live_contexts": len(contexts), "context_ids": contexts, "kv_bytes": self.runner.cache.nbytes(),
+                "live_contexts": len(contexts), "context_ids": contexts, "kv_bytes": cache.nbytes(contexts),
+                "prefix_cache_contexts": len(cached), "prefix_cache_kv_bytes": cache.nbytes(cached),
                 "latent_states": self.samplers.keys(), "gpu_memory_bytes": memory,
                 "busy_s": getattr(self.runner, "busy_s", self.busy_s)}
 

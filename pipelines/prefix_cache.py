@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 CACHE_REQUEST = "prefix"  # the request part of the entries' context ids (pipelines/context.py: context_name)
 
 
+def is_cached_prefix(context_id: str) -> bool:
+    """Whether a context id is a prefix cache entry's."""
+    return context_id.startswith(f"{CACHE_REQUEST}/")
+
+
 @dataclass
 class CachedPrefix:
     context_id: str

@@ -313,3 +313,33 @@ def test_openai_fields_we_cannot_honour_are_clear_400s(app):
         app.client.images.generate(model="bagel", prompt=PROMPT, size="72x64",
                                    extra_body={"cfg_text_scale": 0.5, "timestep_shift": 0})
     assert info.value.body["param"] == "cfg_text_scale,timestep_shift,width"
+
+
+# -- prefix caching --------------------------------------------------------------------------------
+
+def test_cached_tokens_of_a_follow_up_turn_and_a_second_edit(app):
+    """The second turn of a chat reuses the first turn's prompt, the second edit of an image
+    (same seed: the same posterior noise) the image's blocks; usage says how many tokens."""
+    question, follow_up = "Which colours does this gradient have?", "And which is the brightest?"
+    first = app.client.chat.completions.create(model="m", messages=user(picture(app), text(question)), max_tokens=4)
+    answer = first.choices[0].message.content or "none"
+    turn2 = [*user(picture(app), text(question)), {"role": "assistant", "content": answer},
+             {"role": "user", "content": follow_up}]
+    second = app.client.chat.completions.create(model="m", messages=turn2, max_tokens=4)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+    assert second.choices[0].message.content == app.ref.text(("<gradient>", question, answer, follow_up), 4).text
+
+    image = [("a.png", app.inputs["<second>"], "image/png")]
+    edits = [app.client.images.edit(model="m", image=image, prompt=p, extra_body={"num_timesteps": STEPS, "seed": 31})
+             for p in ("make it night", "add a moon")]
+    details = [e.model_dump()["usage"]["input_tokens_details"] for e in edits]
+    assert details[0]["cached_tokens"] == 0 and details[1]["cached_tokens"] == details[1]["image_tokens"] > 0
+    assert_same_image(edits[1].data[0].b64_json, app.ref.image(("<second>", "add a moon"), EDIT, 31), "second edit")
+
+    health = httpx.get(f"{app.url}/health", timeout=30).json()
+    assert health["prefix_cache"]["hits"] >= 2 and health["prefix_cache"]["entries"] > 0, health["prefix_cache"]
+    assert all(s["prefix_cache_contexts"] > 0 and s["live_contexts"] == 0 for s in health["stages"]), health
+    metrics = httpx.get(f"{app.url}/metrics", timeout=30).text
+    hits = [line for line in metrics.splitlines() if line.startswith("bagel_prefix_cache_hits{")]
+    assert hits and float(hits[0].split()[-1]) >= 2, hits
