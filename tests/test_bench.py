@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from bagel_model.config import BagelConfig
-from bench import batching, kernels, latency, previews
+from bench import batching, kernels, latency, prefix_cache, previews
 from bench.report import quant_tables as report_tables
 
 
@@ -277,3 +277,18 @@ def test_serve_benchmark_reports_warm_start_overhead_and_breakdown(checkpoint_di
     assert breakdown["denoise"] > 0 and breakdown["http"] >= 0
     assert abs(sum(report["phases_s"][1].values()) - report["request_s"][1]) < 1e-6
     assert report["image_size"] == [64, 64] and report["live_contexts_after"] == 0
+
+
+def test_prefix_cache_benchmark_reuses_and_stays_identical(checkpoint_dir, tmp_path):
+    """bench/prefix_cache.py on the fixture: the second chat turn and the second edit reuse the
+    first's prefix with the cache, nothing without it, and the outputs are identical."""
+    code = prefix_cache.main(["--device", "cpu", "--checkpoint", str(checkpoint_dir), "--size", "64", "--steps", "3",
+                              "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "prefix_cache.json").read_text())
+    assert report["identical"] == {"chat": True, "edit": True}
+    for what in ("chat_second_turn", "second_edit"):
+        r = report[what]
+        assert r["uncached"]["cached_tokens"] == 0 < r["cached"]["cached_tokens"] < r["cached"]["prompt_tokens"]
+        assert r["cached"]["prompt_tokens"] == r["uncached"]["prompt_tokens"]
+    assert report["chat_second_turn"]["ttft_speedup"] > 0 and report["cache"]["hits"] >= 2
