@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import ray
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from bagel_model.config import BagelConfig
 from bagel_model.demo import checkpoint_or_demo
@@ -29,6 +30,7 @@ from .encoder import Encoder
 from .image_store import ImageStoreDeployment
 from .orchestrator import Orchestrator
 from .plan import gpu_memory_bytes, with_plan
+from .routing import STATS_PERIOD_S, PrefixAffinityRouter
 from .topology import Cluster, Shares, Topology, TopologyError, check_fits, replica_bundles
 
 log = logging.getLogger("ray.serve")
@@ -54,8 +56,11 @@ def build_app(args: dict | AppArgs | None = None) -> Application:
         a.quantize if a.quantize_vit else None, simulation)
     decoder = Decoder.options(ray_actor_options={"num_cpus": 0, "num_gpus": a.decoder_gpus}, **replicas).bind(
         checkpoint, dec_device, a.random_weights, simulation)
+    routing = {"request_router_config": RequestRouterConfig(
+        request_router_class=PrefixAffinityRouter, request_routing_stats_period_s=STATS_PERIOD_S)} \
+        if a.prefix_cache else {}
     ingress = Orchestrator.options(placement_group_bundles=replica_bundles(a.topology, a.gpus_per_stage),
-                                   placement_group_strategy=a.placement_strategy, **replicas)
+                                   placement_group_strategy=a.placement_strategy, **replicas, **routing)
     # One store for all replicas: a URL answers whichever replica receives its GET.
     store = ImageStoreDeployment.bind(a.image_url_store_bytes, a.image_url_store_images, a.image_url_ttl_s)
     return ingress.bind(a, encoder, decoder, store)

@@ -46,6 +46,10 @@ class Orchestrator:
     async def stats(self) -> dict:
         return await self.service.stats()
 
+    async def record_routing_stats(self) -> dict:
+        """For the prefix-affinity router (cluster/routing.py): the keys of recent requests."""
+        return {"keys": self.service.affinity.snapshot()}
+
     def check_health(self) -> None:
         """Raises once the stage workers cannot be rebuilt: Serve then replaces this replica."""
         self.service.check_health()

@@ -52,6 +52,7 @@ from .inputs import checked_items, decoded, decoded_bytes
 from .jobs import Job, cancel_all
 from .metrics import PREFIX_CACHE_STATS, Metrics
 from .phases import TimedExecutor, server_timing, timed
+from .routing import RecentKeys, affinity_keys
 from .stage_group import StageGroup
 from .supervisor import StageSupervisor
 from .warmup import warm_up, warmup_sizes
@@ -81,6 +82,7 @@ class BagelService:
         self.deployments = DeploymentWatch({"encoder": encoder, "decoder": decoder}, args.retry_after_s)
         self.pool = ThreadPoolExecutor(args.max_concurrent_requests, thread_name_prefix="request")
         self.preview_pool = ThreadPoolExecutor(args.max_concurrent_requests, thread_name_prefix="preview")
+        self.affinity = RecentKeys()  # keys of recent requests, reported to the router (cluster/routing.py)
         self.image_store = StoreClient(image_store or ImageStore(args.image_url_store_bytes,
                                                                  args.image_url_store_images, args.image_url_ttl_s))
         self.admission = Admission(args.max_concurrent_requests, args.max_queued_requests,
@@ -174,6 +176,8 @@ class BagelService:
         return self._start_all("text", self._text_work, task, n)
 
     def _start_all(self, kind: str, work: Callable, task: ImageTask | TextTask, n: int) -> list[Job]:
+        if self.args.prefix_cache:
+            work = self._recording_affinity(work, _session_id())
         task = replace(task, items=checked_items(task.items, self.limits))
         request_id = _request_id()
         jobs: list[Job] = []
@@ -184,6 +188,14 @@ class BagelService:
             cancel_all(jobs)
             raise
         return jobs
+
+    def _recording_affinity(self, work: Callable, session_id: str) -> Callable:
+        """`work`, recording first (on the worker thread: it hashes the images) the request's keys
+        for the prefix-affinity router (cluster/routing.py)."""
+        def run(task, job):
+            self.affinity.add(affinity_keys(session_id, [task]))
+            return work(task, job)
+        return run
 
     def _start(self, kind: str, work: Callable, task: ImageTask | TextTask, request_id: str) -> Job:
         """Admit the request, or raise at once (503 while the workers it needs are not there, 429
@@ -364,6 +376,13 @@ def _request_id() -> str:
     from ray.serve.context import _get_serve_request_context
 
     return _get_serve_request_context().request_id or secrets.token_hex(12)
+
+
+def _session_id() -> str:
+    """Serve's session of the current request (the X-Session-ID header), if any."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().session_id
 
 
 def _replica_id() -> str:

@@ -282,6 +282,9 @@ def test_http_generation(app, cfg_img_scale):
     assert (item["seed"], item["width"], item["height"], item["revised_prompt"]) == (seed, 64, 64, None)
     expected = app.ref.t2i(PROMPT, replace(T2I, cfg_img_scale=cfg_img_scale), seed)
     assert_image_matches(item["b64_json"], expected, "t2i")
+    cached = body["usage"]["input_tokens_details"].pop("cached_tokens")
+    assert cached == expected.prompt_tokens if cfg_img_scale == 1.5 else cached in (0, expected.prompt_tokens), (
+        "the prompt of the first case is cached for the second")
     assert body["usage"] == {"input_tokens": expected.prompt_tokens, "output_tokens": 16,  # 4x4 latent tokens
                              "total_tokens": expected.prompt_tokens + 16,
                              "input_tokens_details": {"text_tokens": expected.prompt_tokens, "image_tokens": 0}}

@@ -379,6 +379,8 @@ def test_replicas_share_the_load_and_fail_alone(ray_url, checkpoint_dir, expecte
         done = {r: after[r]["requests_completed"] - before[r]["requests_completed"] for r in after}
         assert sum(done.values()) == 6 and min(done.values()) >= 1, f"requests per replica: {done}"
 
+        assert_affinity(client, app_handle(), checkpoint_dir)
+
         a, b = sorted(after)
         results: list[int] = []
         threads = [threading.Thread(target=lambda: results.append(client.post(
@@ -393,6 +395,56 @@ def test_replicas_share_the_load_and_fail_alone(ray_url, checkpoint_dir, expecte
         survivor = replica_health(client, b)
         assert survivor["status"] == "ok"
         assert [s["pid"] for s in survivor["stages"]] == [s["pid"] for s in after[b]["stages"]]
+
+
+def assert_affinity(client: httpx.Client, handle, checkpoint_dir: Path) -> None:
+    """The prefix-affinity router (cluster/routing.py): each chat's follow-up turn (same
+    X-Session-ID) lands on the replica that served its first turn, which then reuses the first
+    turn's prompt (cached_tokens; by chance: 1 in 2**8). A handle call whose items extend an
+    earlier call's lands where that one ran."""
+    for i in range(8):
+        headers = {"X-Session-ID": f"chat-{i}"}
+        first = [{"role": "user", "content": f"Tell me about dog number {i}."}]
+        r1 = client.post("/v1/chat/completions", json={"messages": first, "max_tokens": 2}, headers=headers)
+        assert r1.status_code == 200, r1.text
+        answer = r1.json()["choices"][0]["message"]["content"] or "ok"
+        follow_up = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+        r2 = client.post("/v1/chat/completions", json={"messages": follow_up, "max_tokens": 2}, headers=headers)
+        assert r2.status_code == 200, r2.text
+        usage1, usage2 = r1.json()["usage"], r2.json()["usage"]
+        assert usage2["prompt_tokens_details"]["cached_tokens"] == usage1["prompt_tokens"], f"chat {i}: {usage2}"
+
+    from cluster.api import TextTask
+    from pipelines.params import TextParams
+
+    prompt, params = "Write about a cat.", TextParams(max_new_tokens=2)
+    first = handle.understand.remote(TextTask([prompt], params)).result(timeout_s=60)
+    for k in range(4):
+        more = handle.understand.remote(TextTask([prompt, f"It is cat {k}."], params)).result(timeout_s=60)
+        assert more.cached_tokens == first.prompt_tokens, "the handle call missed the replica with its prefix"
+
+
+def test_affinity_keys_of_an_extended_request_start_with_the_first_ones():
+    from PIL import Image
+
+    from cluster.api import TextTask
+    from cluster.inputs import EncodedImage
+    from cluster.routing import affinity_keys
+
+    png = b"\x89PNG fake bytes"
+    first = affinity_keys("", [TextTask([png, "What is it?"])])
+    follow = affinity_keys("s1", [TextTask([EncodedImage(png, (8, 8), 64), "What is it?", "A dog.", "Why?"])])
+    assert len(first) == 2 and follow[:2] == first and len(follow) == 5 and follow[-1] == "s:s1"
+    assert affinity_keys("", [TextTask(["What is it?", png])])[0] != first[0]  # order matters
+    image = Image.new("RGB", (4, 4), (1, 2, 3))
+    assert affinity_keys("", [TextTask([image])]) == affinity_keys("", [TextTask([image.copy()])])
+    assert affinity_keys("", [b"http body"]) == [] and affinity_keys("s", []) == ["s:s"]
+
+
+def app_handle():
+    from ray import serve
+
+    return serve.get_app_handle(APP_NAME)
 
 
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(ray_url, checkpoint_dir):

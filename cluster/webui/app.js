@@ -83,10 +83,11 @@ async function errorMessage(response) {
   return message;
 }
 
-async function post(path, body, signal) {
+async function post(path, body, signal, session) {
   const headers = {"Content-Type": "application/json", "Accept": "text/event-stream"};
   const key = apiKeyInput().value.trim();
   if (key) headers.Authorization = `Bearer ${key}`;
+  if (session) headers["X-Session-ID"] = session;  // a chat's turns go to the replica holding its prefix
   let response;
   try {
     response = await fetch(new URL(path, API), {method: "POST", headers, body: JSON.stringify(body), signal});
@@ -442,7 +443,8 @@ function showImage(state, item, elapsedMs) {
 
 // -- understanding / chat -----------------------------------------------------------------------
 
-const chat = {history: [], image: null, controller: null};
+const newSession = () => `chat-${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+const chat = {history: [], image: null, controller: null, session: newSession()};
 
 function chatBubble(role, text, imageUrl) {
   const bubble = el("div", {class: `bubble ${role}`});
@@ -492,7 +494,7 @@ async function runChat() {
   let text = "";
   let finish = null;
   try {
-    const response = await post("v1/chat/completions", body, controller.signal);
+    const response = await post("v1/chat/completions", body, controller.signal, chat.session);
     for await (const chunk of sseEvents(response)) {
       const choice = chunk.choices && chunk.choices[0];
       if (!choice) continue;
@@ -537,6 +539,7 @@ function setupChat(defaults) {
   document.getElementById("chat-new").addEventListener("click", () => {
     if (chat.controller) chat.controller.abort();
     chat.history = [];
+    chat.session = newSession();
     document.getElementById("chat-log").textContent = "";
     show(error, "");
     setChatImage(null);
