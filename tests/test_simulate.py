@@ -158,7 +158,7 @@ def test_simulated_vit_and_vae_shapes(h200):
 def test_trace_and_topologies(h200):
     tok = demo_tokenizer()
     traces = {task: trace(FULL, tok, task, 256, steps=6) for task in ("t2i", "edit")}
-    kinds = [c.kind for c in traces["edit"]]
+    kinds = [c.kind for c in traces["edit"] if c.kind != "free"]  # (frees of empty contexts come first)
     assert kinds[:4] == ["encode_vae", "prefill", "encode_vit", "prefill"] and kinds.count("denoise") == 5
     assert {s.branch for c in traces["edit"] if c.kind == "denoise" for s in c.segments} == {"cond", "cfg_text", "cfg_img"}
 
