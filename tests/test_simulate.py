@@ -209,8 +209,9 @@ def test_harness_skips_what_the_app_cannot_run():
 def test_simulated_serve_app(ray_url):
     """The real app with simulated GPUs (2 stages, full-size shapes, time scale 0.01): images of the
     asked size, streamed previews, a chat answer, /health says simulated and shows the KV
-    bookkeeping; nothing leaks."""
-    with running_app(ray_url, {"simulate": "h200", "simulate_time_scale": 0.01, "num_stages": 2}):
+    bookkeeping; nothing leaks. With `prefix_cache: false` nothing is cached or reused."""
+    args = {"simulate": "h200", "simulate_time_scale": 0.01, "num_stages": 2, "prefix_cache": False}
+    with running_app(ray_url, args):
         client = httpx.Client(base_url=ray_url, timeout=120)
         health = client.get("/health").json()
         assert health["simulated"] == "h200" and [s["layers"] for s in health["stages"]] == [[0, 14], [14, 28]]
@@ -225,7 +226,11 @@ def test_simulated_serve_app(ray_url):
             assert response.status_code == 200
             events = [e["type"] for e in sse_events(response.iter_lines()) if isinstance(e, dict)]
         assert "image_generation.partial_image" in events and events[-1] == "image_generation.completed"
-        r = client.post("/v1/chat/completions", json={"max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
-        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
-        stages = client.get("/health").json()["stages"]
-        assert all(s["busy_s"] > 0 and s["live_contexts"] == 0 and s["kv_bytes"] == 0 for s in stages)
+        for _ in range(2):
+            r = client.post("/v1/chat/completions", json={"max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+            assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        health = client.get("/health").json()
+        assert health["prefix_cache"] is None
+        assert all(s["busy_s"] > 0 and s["live_contexts"] == 0 and s["kv_bytes"] == 0 and s["prefix_cache_contexts"] == 0
+                   for s in health["stages"])
