@@ -115,8 +115,8 @@ class Session:
             segments = [block.segment(c.context_id, c.rope_pos) for c in run]
             try:
                 self.executor.prefill(segments)
-            except torch.OutOfMemoryError:
-                if cache is not None:  # running requests win over cached prefixes
+            except Exception as e:
+                if cache is not None and _out_of_memory(e):  # running requests win over cached prefixes
                     cache.clear()
                 raise
             for c, segment in zip(run, segments):
@@ -161,3 +161,8 @@ class Session:
         self.executor.fork(prefix.context_id, context.context_id)
         context.kv_len, context.rope_pos, context.image_tokens = prefix.kv_len, prefix.rope_pos, prefix.image_tokens
         context.prefilled, context.cached_tokens = len(prefix.history), prefix.kv_len
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A device OOM, raised here or in a stage worker (Ray's error keeps it as `cause`)."""
+    return isinstance(error, torch.OutOfMemoryError) or isinstance(getattr(error, "cause", None), torch.OutOfMemoryError)

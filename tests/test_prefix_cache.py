@@ -178,3 +178,18 @@ def test_a_queued_call_runs_for_all_its_contexts_or_none(executor, cached):
     edit = image_task(cached, [picture(9), prompt], params)
     assert edit.cached_tokens == 0 and cached.prefix_cache.stats()["hits"] == hits
     assert same(edit, image_task(executor, [picture(9), prompt], params))
+
+
+def test_running_out_of_device_memory_evicts_every_prefix(cached):
+    text_task(cached, ["Write about a dog."])
+    assert cached.prefix_cache.stats()["entries"] > 0
+    def out_of_memory(segments):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    cached.prefill = out_of_memory
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            text_task(cached, ["Write about a cat."])
+    finally:
+        del cached.prefill
+    assert cached.prefix_cache.stats()["entries"] == 0
