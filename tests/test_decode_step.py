@@ -37,6 +37,7 @@ def _step(executor, contexts, tokens, step):
 def _prompted(session, n, text):
     contexts = [session.new(f"c{i}") for i in range(n)]
     session.append_text(contexts, session.executor.tokenizer.encode(text))
+    session.materialize()  # appending only queues the block
     return contexts
 
 
