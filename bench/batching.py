@@ -6,8 +6,8 @@ on the GPU (or a checkpoint), one stage.
 
 For each `--sizes` entry (size:steps) and each `--concurrency`, `--waves` x concurrency
 text-to-image requests run closed-loop on that many threads (each starts its next request when
-one ends), after one warm-up request per size; `--big` (1024:50 by default) runs at concurrency
-1 only, to show batching costs one request alone nothing. Each run reports images/min, seconds
+one ends), after one warm-up request per size; `--big` (1024:50 by default) runs one request
+at concurrency 1 only, to show batching costs one request alone nothing. Each run reports images/min, seconds
 and how many requests each denoising forward carried. `forward_ms` explains the scaling: the
 time of one denoising forward of k branch segments of an image's tokens (k = 2: one guided
 request), eager and as a replayed CUDA graph, so one sees where a forward stops being bound by
@@ -114,6 +114,24 @@ def forward_ms(executor: LocalExecutor, size: int, counts: list[int], repeats: i
     return rows
 
 
+def targets(rows: list[dict], top: int) -> dict:
+    """Issue 14's targets where this run measured them: 512², 20 steps: >= 46 images/min at
+    concurrency 8 (1.5x the 30.7 before batching); 256², 20 steps: concurrency 8 >= 2.5x
+    concurrency 1; 1024², 50 steps, one request: batching on no slower than off (within 2%)."""
+    def rate(size: int, steps: int, c: int, on: bool) -> float | None:
+        return next((r["images_per_min"] for r in rows if (r["size"], r["steps"], r["concurrency"], r["batching"])
+                     == (size, steps, c, on)), None)
+
+    out = {}
+    if top == 8 and rate(512, 20, 8, True):
+        out["512_c8_at_least_46_images_per_min"] = rate(512, 20, 8, True) >= 46
+    if top == 8 and rate(256, 20, 8, True) and rate(256, 20, 1, True):
+        out["256_c8_at_least_2.5x_c1"] = rate(256, 20, 8, True) >= 2.5 * rate(256, 20, 1, True)
+    if rate(1024, 50, 1, True) and rate(1024, 50, 1, False):
+        out["1024_c1_on_within_2pct_of_off"] = rate(1024, 50, 1, True) >= 0.98 * rate(1024, 50, 1, False)
+    return out
+
+
 def chart(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -169,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         throughput(executor, size, steps, 1, True, 1)  # warm-up: kernels, algorithms, allocator
         for c in concurrency if (size, steps) in runs else [1]:
             for batching in (False, True):
-                rows.append(throughput(executor, size, steps, c, batching, c * args.waves))
+                rows.append(throughput(executor, size, steps, c, batching, c * args.waves if (size, steps) in runs
+                                       else 1))
     counts = [int(k) for k in args.forward_segments.split(",")]
     forwards = [r for size, _ in runs for r in forward_ms(executor, size, counts, args.forward_repeats)]
 
@@ -189,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
               "weights": args.checkpoint or "random bf16 (full-size BAGEL-7B-MoT architecture)",
               "build_s": build_s, "settings": vars(args), "kernels": vars(kernels.choice),
               "max_batch_tokens": executor.batcher.max_batch_tokens, "batch_wait_s": executor.batcher.batch_wait_s,
-              "summary": summary, "throughput": rows, "forward_ms": forwards}
+              "summary": summary, "targets": targets(rows, top), "throughput": rows, "forward_ms": forwards}
     path = write_report(report, args.out, f"{args.name}.json")
     chart(report, path.with_suffix(".png"))
     print(json.dumps(report))
