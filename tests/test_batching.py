@@ -7,6 +7,7 @@ summation order) than a taller one; every other row is bit for bit (README, Step
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from bagel_model.segments import Segment
+from cluster.executor import ClusterExecutor
 from pipelines.batching import StepBatcher, StepCall
 from pipelines.guidance import Branch
 from pipelines.local import LocalExecutor
@@ -192,6 +194,57 @@ def test_an_image_alone_never_waits_for_the_batch_window():
     for i in range(3):
         assert batcher.denoise(*_call("a", 102, index=i, final=i == 2)).v == i
     assert batcher.live() == []
+
+
+class _Stages:
+    """`StageGroup`'s submission interface, recording the calls (1 stage per branch group)."""
+
+    def __init__(self, num_groups: int):
+        self.num_stages, self.num_groups, self.log = 1, num_groups, []
+
+    def rank(self, group: int, stage: int) -> int:
+        return group
+
+    @contextlib.contextmanager
+    def ordered(self):
+        yield self
+
+    def share(self, owner, key, firsts):
+        self.log.append(("share", owner, key, firsts))
+        return f"share {key}"
+
+    def chain(self, group, segments, parts, latents, owners):
+        self.log.append(("chain", group, [s.context_id for s in segments], [(p.key, p.branches) for p in parts],
+                         latents, owners))
+        return f"chain {group}"
+
+    def gather(self, owner, parts, chains):
+        self.log.append(("gather", owner, [[p.key for p in ps] for ps in parts], chains))
+        return f"gather {owner}"
+
+    def wait(self, calls):
+        return [None] * len(calls)
+
+
+def test_cluster_batches_share_micro_batches_per_branch_group_and_keep_each_state_owner():
+    """Two guided images based on different branch groups (1 stage each): one micro-batch per
+    group carries one's COND and the other's text-free branch; each owner gathers the branch
+    computed on the other group, and gets its latents shared there."""
+    stages = _Stages(num_groups=2)
+    executor = ClusterExecutor(None, None, stages, None, None)
+    guided = EulerStep(1, 0.9, 0.1, (Branch.COND, Branch.CFG_TEXT), (), ImageParams(), False)
+    calls = [StepCall([Segment.noise(f"{r}/{b.value}{i}", None, (2, 2), 0.9, 5) for i, b in enumerate(guided.run)],
+                      guided) for r in ("a", "b")]
+    assert [executor._place(c.key) for c in calls] == [0, 1]
+    assert executor._denoise_batch(calls) == [StepOutput(), StepOutput()]
+    cond, text = (Branch.COND,), (Branch.CFG_TEXT,)
+    assert stages.log == [
+        ("share", 0, "a/cond0", [1]), ("share", 1, "b/cond0", [0]),
+        ("chain", 0, ["a/cond0", "b/cfg_text1"], [("a/cond0", cond), ("b/cond0", text)], [None, "share b/cond0"],
+         [None, 1]),
+        ("chain", 1, ["a/cfg_text1", "b/cond0"], [("a/cond0", text), ("b/cond0", cond)], ["share a/cond0", None],
+         [0, None]),
+        ("gather", 1, [["b/cond0"]], ["chain 0"]), ("gather", 0, [["a/cond0"]], ["chain 1"])]
 
 
 # -- the Serve app: 2 stages x 2 branch groups on CPU (gloo) ---------------------------------------
