@@ -1,9 +1,9 @@
 """The replica's metrics, in a `prometheus_client` registry of its own, served at `GET /metrics`.
 
 Requests are counted by task and outcome, the refused ones too (429 overloaded, 503 while
-starting or restarting); latency, queueing time, time to the first event, the time per
-phase (cluster/phases.py) and the requests per denoising forward (step batching) are histograms; queue depth, KV-cache and GPU memory figures are
-gauges, read from the service when scraped. Ray Serve's own metrics (requests, errors and
+starting or restarting); latency, queueing time, time to the first event, the time per phase
+(cluster/phases.py) and the requests per denoising forward (step batching) are histograms;
+queue depth, KV-cache and GPU memory figures are gauges, read from the service when scraped. Ray Serve's own metrics (requests, errors and
 latency per deployment and replica) stay on Ray's Prometheus endpoint; behind several ingress
 replicas `GET /metrics` describes the replica that answered (its `replica` label says which).
 """
