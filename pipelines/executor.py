@@ -37,7 +37,8 @@ class Executor(Protocol):
         """One sampler step of one image (caches read only): the noise segments of `step.run`,
         in that order, the first one's context naming the image. The first step's segments
         carry the initial latents, later ones none: the executor keeps the latents between
-        steps and applies `step` to them."""
+        steps and applies `step` to them. Requests on other threads may call it at the same
+        time: their steps then share forwards (pipelines/batching.py)."""
 
     def predicted_clean(self, context_id: str) -> Callable[[], Tensor]:
         """For previews: the clean latent tokens [h*w, patch_latent_dim] (float32, CPU) that the
