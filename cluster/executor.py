@@ -235,8 +235,11 @@ class ClusterExecutor:
             self._forget(context_ids)
 
     def live_contexts(self) -> list[str]:
-        """Contexts with KV cache and images with latents on any stage."""
-        return sorted({c for s in self.stages.broadcast("stats") for c in s["context_ids"] + s["latent_states"]})
+        """Contexts with KV cache and images with latents on any stage (the stages report the
+        prefix cache's contexts apart; the cache names its own)."""
+        cached = self.prefix_cache.context_ids() if self.prefix_cache is not None else []
+        return sorted({c for s in self.stages.broadcast("stats") for c in s["context_ids"] + s["latent_states"]}
+                      | set(cached))
 
     def encode_vit(self, images: list[Tensor]) -> list[Tensor]:
         return _call(self.encoder, "encoder", "encode_vit", images)

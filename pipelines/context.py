@@ -165,4 +165,4 @@ class Session:
 
 def _out_of_memory(error: BaseException) -> bool:
     """A device OOM, raised here or in a stage worker (Ray's error keeps it as `cause`)."""
-    return isinstance(error, torch.OutOfMemoryError) or isinstance(getattr(error, "cause", None), torch.OutOfMemoryError)
+    return any(isinstance(e, torch.OutOfMemoryError) for e in (error, getattr(error, "cause", None)))

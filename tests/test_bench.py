@@ -287,7 +287,7 @@ def test_prefix_cache_benchmark_reuses_and_stays_identical(checkpoint_dir, tmp_p
                               "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "prefix_cache.json").read_text())
-    assert report["identical"] == {"chat": True, "edit": True}
+    assert report["identical"] == report["uncached_repeatable"] == {"chat": True, "edit": True}
     for what in ("chat_second_turn", "second_edit"):
         r = report[what]
         assert r["uncached"]["cached_tokens"] == 0 < r["cached"]["cached_tokens"] < r["cached"]["prompt_tokens"]
