@@ -42,6 +42,17 @@ def plan_for(args: AppArgs, gpus: float) -> Plan | None:
                        quantize_vit=args.quantize_vit, layer_sizes=sizes)
 
 
+def split_kv_room(args: AppArgs, kv_bytes: int) -> dict:
+    """The planned KV room per stage, shared: the prefix cache (when on) gets at most a quarter
+    of it, running requests the rest, so the two never add up to more than the plan has."""
+    if not args.prefix_cache:
+        return {"kv_cache_bytes": kv_bytes}
+    cache = max(min(args.prefix_cache_bytes, kv_bytes // 4), 1)
+    if cache < args.prefix_cache_bytes:
+        logger.info("prefix cache budget %.2f GiB (a quarter of the planned KV room)", cache / 2**30)
+    return {"kv_cache_bytes": kv_bytes - cache, "prefix_cache_bytes": cache}
+
+
 def with_plan(args: AppArgs, gpus: float) -> tuple[AppArgs, Plan | None]:
     """`args` with its auto fields chosen by the planner (without GPUs: one exact stage), and
     the plan they follow. A layout set by hand that the planner thinks too large is only
@@ -63,7 +74,7 @@ def with_plan(args: AppArgs, gpus: float) -> tuple[AppArgs, Plan | None]:
         if args.num_stages == "auto" and args.layer_sizes is None:
             update["layer_sizes"] = plan.layer_sizes
         if args.kv_cache_bytes is None:
-            update["kv_cache_bytes"] = plan.kv_cache_bytes
+            update.update(split_kv_room(args, plan.kv_cache_bytes))
     if plan is not None:
         logger.info("%s", plan.describe())
     return args.model_copy(update=update), plan

@@ -11,13 +11,15 @@ rows around it (fp32 CPU: tests/test_batching.py).
 
 Requests join and leave at step boundaries: an image is live from its first step until its
 final one (or until the executor frees it). The leader waits at most `batch_wait_s` for the live
-images that have not queued their next step yet (they are handling the previous step's result),
-and not at all when every live image is queued, so one request alone never waits. A batch holds
+images that have not queued their next step yet (they are handling the previous step's result)
+and could still fit (a step as large as their last), and not at all when every live image is
+queued, so one request alone never waits. A batch holds
 at most `max_batch_tokens` query tokens (a single larger step runs alone) and is taken strictly
 from the head of the queue, first come first served: no request starves.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -28,6 +30,7 @@ from bagel_model.segments import Segment
 
 from .step import EulerStep, StepOutput
 
+log = logging.getLogger(__name__)
 
 MAX_BATCH_TOKENS = 32768  # query tokens per forward: 8 guided 512² steps (2 x 1026 each), 2 guided 1024² ones
 BATCH_WAIT_S = 0.005  # far below a step's time; only waited for live images not yet queued
@@ -71,14 +74,14 @@ class StepBatcher:
         self.on_forward = on_forward
         self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()
-        self._live: set[str] = set()  # images between their first and final step
+        self._live: dict[str, int] = {}  # images between their first and final step: their last step's tokens
         self._running = False  # a leader is forming or running a batch
 
     def denoise(self, segments: list[Segment], step: EulerStep) -> StepOutput:
         """The `Executor.denoise` of one image, run in a forward shared with other images' steps."""
         pending = _Pending(StepCall(segments, step))
         with self._cond:
-            self._live.add(pending.call.key)
+            self._live[pending.call.key] = pending.call.tokens
             self._queue.append(pending)
             self._cond.notify_all()
             while not pending.done and (self._running or self._queue[0] is not pending):
@@ -95,7 +98,8 @@ class StepBatcher:
     def forget(self, keys: Iterable[str]) -> None:
         """These images ended without their final step (their request stopped): not live."""
         with self._cond:
-            self._live.difference_update(keys)
+            for key in keys:
+                self._live.pop(key, None)
             self._cond.notify_all()
 
     def live(self) -> list[str]:
@@ -106,7 +110,7 @@ class StepBatcher:
         """Called by the leader, holding the lock: wait for the live images still missing (at
         most `batch_wait_s`), then take the head of the queue up to the token cap."""
         deadline = time.monotonic() + self.batch_wait_s
-        while len(self._queue) < len(self._live) and self._queued_tokens() < self.max_batch_tokens:
+        while self._missing_could_join():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -117,20 +121,28 @@ class StepBatcher:
             tokens += batch[-1].call.tokens
         return batch
 
-    def _queued_tokens(self) -> int:
-        return sum(p.call.tokens for p in self._queue)
+    def _missing_could_join(self) -> bool:
+        """Whether a live image that has not queued its next step yet could still fit in this
+        forward (its next step taken as large as its last one)."""
+        queued = {p.call.key for p in self._queue}
+        missing = [self._live[k] for k in self._live if k not in queued]
+        room = self.max_batch_tokens - sum(p.call.tokens for p in self._queue)
+        return bool(missing) and min(missing) <= room
 
     def _lead(self, batch: list[_Pending]) -> None:
         try:
             results = self.run([p.call for p in batch])
         except BaseException as e:  # the forward as a whole failed: every step of it did
             results = [e] * len(batch)
-        if self.on_forward is not None:
-            self.on_forward(len(batch))
+        try:
+            if self.on_forward is not None:
+                self.on_forward(len(batch))
+        except Exception:  # a metrics failure must not stop the batcher (every caller would hang)
+            log.exception("on_forward failed")
         with self._cond:
             for pending, result in zip(batch, results):
                 pending.result, pending.done = result, True
                 if isinstance(result, BaseException) or pending.call.step.final:
-                    self._live.discard(pending.call.key)
+                    self._live.pop(pending.call.key, None)
             self._running = False
             self._cond.notify_all()

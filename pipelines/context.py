@@ -33,6 +33,13 @@ class Context:
     image_tokens: int = 0  # of kv_len: the input images' blocks, markers included (usage counts)
     cached_tokens: int = 0  # of kv_len: reused from the prefix cache
     prefilled: int = 0  # blocks of `history` in the executor's cache; the others are queued
+    packing: tuple = field(default_factory=tuple)  # per block: the contexts its prefill call held
+
+    def cache_key(self) -> tuple:
+        """The prefix cache's key of this context's blocks: each block's key with the number of
+        contexts its prefill call held, since that call's GEMM shapes (and so, on a GPU, its
+        kernels and rounding) depend on it; a prefix is reused only where it was computed alike."""
+        return tuple(zip(self.history, self.packing))
 
 
 def context_name(context_id: str) -> tuple[str, str]:
@@ -63,7 +70,7 @@ class Session:
         dst = self.new(name)
         self.executor.fork(src.context_id, dst.context_id)
         dst.kv_len, dst.rope_pos, dst.history, dst.image_tokens = src.kv_len, src.rope_pos, src.history, src.image_tokens
-        dst.cached_tokens, dst.prefilled = src.cached_tokens, src.prefilled
+        dst.cached_tokens, dst.prefilled, dst.packing = src.cached_tokens, src.prefilled, src.packing
         return dst
 
     def release(self, context: Context) -> None:
@@ -92,6 +99,7 @@ class Session:
         for c in contexts:
             members.append((c, len(c.history)))
             c.history += (block.key,)
+            c.packing += (len(contexts),)
         self._queued.append((block, members))
 
     def append_text(self, contexts: list[Context], token_ids: list[int]) -> None:
@@ -126,7 +134,7 @@ class Session:
                 c.prefilled += 1
         if cache is not None:
             for c in contexts:
-                cache.add(c.context_id, c.history, c.kv_len, c.rope_pos, c.image_tokens)
+                cache.add(c.context_id, c.cache_key(), c.kv_len, c.rope_pos, c.image_tokens)
 
     def _reuse(self, cache: PrefixCache, contexts: list[Context],
                queued: list[tuple[Block, list[tuple[Context, int]]]]) -> None:
@@ -134,7 +142,7 @@ class Session:
         skipped by all its contexts or by none."""
         limit = {id(c): len(c.history) for c in contexts}
         while True:
-            hits = {id(c): cache.longest(c.history[:limit[id(c)]], c.prefilled) for c in contexts}
+            hits = {id(c): cache.longest(c.cache_key()[:limit[id(c)]], c.prefilled) for c in contexts}
             reach = {k: len(h.history) for k, h in hits.items() if h is not None}
             split = []
             for _, members in queued:

@@ -196,6 +196,32 @@ def test_an_image_alone_never_waits_for_the_batch_window():
     assert batcher.live() == []
 
 
+def test_the_window_is_not_waited_for_an_image_that_could_not_fit():
+    """A live image whose next step cannot fit beside the queued ones is not waited for; one
+    that could fit is, up to the window."""
+    recorder = _Recorder()
+    batcher = StepBatcher(recorder, max_batch_tokens=300, batch_wait_s=5.0)
+    batcher.denoise(*_call("big", 258))  # live, not final: its next step (~258 tokens) is missing
+    t = time.monotonic()
+    batcher.denoise(*_call("small", 102))  # 102 + 258 > 300: "big" could not join, no wait
+    assert time.monotonic() - t < 1.0
+    batcher.forget(["big", "small"])
+    roomy = StepBatcher(recorder, max_batch_tokens=1000, batch_wait_s=0.3)
+    roomy.denoise(*_call("big", 258))
+    t = time.monotonic()
+    roomy.denoise(*_call("small", 102))  # "big" could join: the window is waited for
+    assert time.monotonic() - t >= 0.3
+
+
+def test_a_failing_forward_listener_neither_hangs_nor_fails_the_steps():
+    def broken(n: int) -> None:
+        raise RuntimeError("metrics down")
+
+    batcher = StepBatcher(_Recorder(), max_batch_tokens=1000, batch_wait_s=0.0, on_forward=broken)
+    for i in range(2):  # the second call would hang if the first forward had left the batcher running
+        assert batcher.denoise(*_call("a", 102, index=i, final=i == 1)).v == i
+
+
 class _Stages:
     """`StageGroup`'s submission interface, recording the calls (1 stage per branch group)."""
 

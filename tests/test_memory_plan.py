@@ -216,7 +216,11 @@ def test_auto_config_takes_the_plan(tmp_path):
     args = AppArgs(checkpoint_dir=str(folder), num_stages="auto", quantize="auto", gpu_memory_gib=24)
     planned, plan = with_plan(args, 3)
     assert (planned.num_stages, planned.quantize, planned.layer_sizes) == (3, None, plan.layer_sizes)
-    assert planned.kv_cache_bytes == plan.kv_cache_bytes > 0
+    # the planned KV room is shared with the prefix cache, which gets at most a quarter of it
+    assert planned.kv_cache_bytes + planned.prefix_cache_bytes == plan.kv_cache_bytes
+    assert 0 < planned.prefix_cache_bytes <= plan.kv_cache_bytes // 4 < planned.kv_cache_bytes
+    uncached, _ = with_plan(args.model_copy(update={"prefix_cache": False}), 3)
+    assert uncached.kv_cache_bytes == plan.kv_cache_bytes
     one, plan = with_plan(args, 1)
     assert one.quantize in ("df11", "int8", "nf4") and one.num_stages == 1
     cpu, plan = with_plan(args, 0)

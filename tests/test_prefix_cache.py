@@ -180,6 +180,27 @@ def test_a_queued_call_runs_for_all_its_contexts_or_none(executor, cached):
     assert same(edit, image_task(executor, [picture(9), prompt], params))
 
 
+def test_a_prefix_is_reused_only_where_it_was_prefilled_alike(cached):
+    """A block prefilled for one context is not reused by a call that prefills it for two (other
+    GEMM shapes, so other rounding on a GPU), and is reused by another call for one."""
+    from pipelines.context import Session
+
+    ids = cached.tokenizer.encode("a cat on a mat")
+    with Session(cached) as alone:
+        alone.append_text([alone.new("a")], ids)
+        alone.materialize()
+    with Session(cached) as pair:
+        contexts = [pair.new("b"), pair.new("c")]
+        pair.append_text(contexts, ids)
+        pair.materialize()
+        assert [c.cached_tokens for c in contexts] == [0, 0]
+    with Session(cached) as again:
+        context = again.new("d")
+        again.append_text([context], ids)
+        again.materialize()
+        assert context.cached_tokens == context.kv_len > 0
+
+
 def test_running_out_of_device_memory_evicts_every_prefix(cached):
     text_task(cached, ["Write about a dog."])
     assert cached.prefix_cache.stats()["entries"] > 0
