@@ -221,6 +221,13 @@ class ClusterExecutor:
             calls = self.stages.move_context(source, home, src, dst)
         self.stages.wait(calls)
 
+    def drop_prefix_cache(self) -> None:
+        """The stage group was replaced: the cache's entries went with the old one. Forget
+        their placement (no call to the new stages) and the cache."""
+        if self.prefix_cache is not None:
+            self._forget(self.prefix_cache.context_ids())
+            self.prefix_cache = None
+
     def free(self, context_ids: list[str]) -> None:
         if self.batcher is not None:
             self.batcher.forget(context_ids)

@@ -125,7 +125,8 @@ class BagelService:
                                             self.args.batch_wait_s, self.metrics.forward)
         else:
             self.executor.stages = group
-        self.executor.prefix_cache = None  # the old group's entries went with it; a new cache once warm
+        self.executor.drop_prefix_cache()  # the old group's entries went with it; a new cache once warm
+        self.affinity = RecentKeys()  # and the router should not send their sessions here for them
 
     def _new_prefix_cache(self) -> PrefixCache | None:
         if not self.args.prefix_cache:

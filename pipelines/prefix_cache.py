@@ -25,6 +25,7 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 CACHE_REQUEST = "prefix"  # the request part of the entries' context ids (pipelines/context.py: context_name)
+_entry_ids = itertools.count()  # process-wide: a new cache (after a stage-group rebuild) never reuses a name
 
 
 def is_cached_prefix(context_id: str) -> bool:
@@ -50,7 +51,6 @@ class PrefixCache:
         self._entries: OrderedDict[tuple, CachedPrefix] = OrderedDict()  # least recently used first
         self._adding: set[tuple] = set()
         self._lock = threading.Lock()
-        self._ids = itertools.count()
         self.used_bytes = 0
         self.hits = self.misses = self.evictions = self.hit_tokens = 0
 
@@ -101,7 +101,7 @@ class PrefixCache:
                 return
             self._adding.add(key)
             self.used_bytes += nbytes
-            entry = CachedPrefix(f"{CACHE_REQUEST}/{next(self._ids)}", key, kv_len, rope_pos, image_tokens, nbytes)
+            entry = CachedPrefix(f"{CACHE_REQUEST}/{next(_entry_ids)}", key, kv_len, rope_pos, image_tokens, nbytes)
         try:
             self._free(victims)
             self.executor.fork(context_id, entry.context_id)

@@ -128,6 +128,16 @@ def test_iterative_edits_reuse_the_image(executor, cached):
     assert other.cached_tokens == 0
 
 
+def test_a_new_cache_never_reuses_an_entry_name(checkpoint_dir, cached):
+    """After a stage-group rebuild the service makes a new cache: its entries must not take the
+    names of the old one's, which the cluster executor may still have placed on a branch group."""
+    text_task(cached, ["Write about a fox."])
+    other = LocalExecutor.from_checkpoint(checkpoint_dir, dtype=torch.float32, prefix_cache_bytes=2**30)
+    text_task(other, ["Write about a fox."])
+    old, new = set(cached.prefix_cache.context_ids()), set(other.prefix_cache.context_ids())
+    assert old and new and not old & new
+
+
 def test_a_small_budget_evicts_least_recently_used(checkpoint_dir, executor):
     small = LocalExecutor.from_checkpoint(checkpoint_dir, dtype=torch.float32, prefix_cache_bytes=2**30)
     cache = small.prefix_cache
